@@ -1,0 +1,91 @@
+"""Follows the key stream: the newest ticket-key ring, at once on start and at every change.
+
+Starting from the stream's last chunk delivers the current ring immediately; a ring only replaces
+the one held if it is newer (by issue time, then sequence), so a replayed or reordered older ring
+never rolls the farm back.  When the publisher goes silent the last ring stays in force, and the
+age metric says how old its newest key is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from aio_pika.abc import AbstractRobustConnection
+
+from consumer import metrics
+from consumer.subscription import StreamSource, Subscription
+from schemas.codec import decode_key_ring
+from schemas.sealing import BusKeys
+from schemas.ticket_keys import KeyRing
+from schemas.topology import Topology
+
+log = logging.getLogger(__name__)
+
+
+class KeyFollower:
+    def __init__(
+        self,
+        connection: AbstractRobustConnection,
+        topology: Topology,
+        keys: BusKeys,
+        on_ring: Callable[[KeyRing], None] | None = None,
+    ) -> None:
+        self.ring: KeyRing | None = None
+        self.received = asyncio.Event()
+        self._on_ring = on_ring
+
+        def decode(body: bytes, headers: Mapping[str, Any]) -> KeyRing:
+            return decode_key_ring(body, headers, keys)
+
+        self._sub: Subscription[KeyRing] = Subscription(
+            connection, topology, StreamSource(topology.key_stream, "last"), decode,
+            self._handle, prefetch=16,
+        )
+        self._age_task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self._sub.start()
+        self._age_task = asyncio.get_running_loop().create_task(self._report_age())
+
+    async def stop(self) -> None:
+        if self._age_task is not None:
+            self._age_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._age_task
+        await self._sub.stop(5)
+
+    async def wait(self, timeout: float) -> KeyRing | None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.received.wait(), timeout)
+        return self.ring
+
+    async def _handle(self, ring: KeyRing) -> list[tuple[int, str]] | None:
+        held = self.ring
+        if held is not None and (ring.issued_at, ring.seq) <= (held.issued_at, held.seq):
+            return None
+        self.ring = ring
+        self.received.set()
+        log.info("ticket key ring %d: %d keys", ring.seq, len(ring.keys))
+        self._export(time.time())
+        if self._on_ring is not None:
+            self._on_ring(ring)
+        return None
+
+    def _export(self, now: float) -> None:
+        ring = self.ring
+        if ring is None:
+            return
+        metrics.TICKET_KEYS.set(len(ring.live(now)))
+        newest = ring.newest_published_at()
+        if newest is not None:
+            metrics.TICKET_KEY_NEWEST_AGE.set(max(0.0, now - newest))
+
+    async def _report_age(self) -> None:
+        while True:
+            self._export(time.time())
+            await asyncio.sleep(1.0)

@@ -1,0 +1,66 @@
+"""Prometheus metrics of the producer side: TLS nodes, the outbox, the cache front, key publisher.
+
+Shared ones (broker connection, replica, ticket-key age) live in ``consumer.metrics``.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from consumer.metrics import LAG_BUCKETS
+from schemas.events import SESSION_EVENT_TYPES
+
+HANDSHAKES = Counter("sessionbus_handshakes_total", "Completed TLS handshakes", ["kind"])
+LOOKUPS = Counter(
+    "sessionbus_lookups_total", "Session lookups from OpenSSL's get callback", ["result"]
+)
+REMOVES_PROPAGATED = Counter(
+    "sessionbus_removes_propagated_total",
+    "Sessions OpenSSL invalidated after a fatal error, published as REMOVE",
+)
+EVENTS_PUBLISHED = Counter(
+    "sessionbus_events_published_total", "Events confirmed by the broker", ["type"]
+)
+EVENTS_DROPPED = Counter(
+    "sessionbus_events_dropped_total", "Events dropped because the outbox was full", ["type"]
+)
+MESSAGES_RETURNED = Counter(
+    "sessionbus_messages_returned_total", "Published messages no queue took (unroutable)",
+    ["type"],
+)
+PUBLISH_FAILURES = Counter(
+    "sessionbus_publish_failures_total",
+    "Batches whose publish failed and will be sent again", ["reason"],
+)
+OUTBOX_DEPTH = Gauge("sessionbus_outbox_depth", "Events waiting to be published")
+OUTBOX_CAPACITY = Gauge("sessionbus_outbox_capacity", "Events the outbox holds at most")
+
+TICKET_DECRYPTIONS = Counter(
+    "sessionbus_ticket_decryptions_total", "Session tickets presented to this node, by result",
+    ["result"],
+)
+KEY_ROTATIONS = Counter("sessionbus_key_rotations_total", "Ticket key rotations published")
+KEY_LEADER = Gauge("sessionbus_key_leader", "1 while this key publisher is the one rotating")
+
+CACHE_REQUESTS = Counter(
+    "sessionbus_cache_requests_total", "Cache front requests, by command and result",
+    ["protocol", "command", "result"],
+)
+CACHE_REQUEST_DURATION = Histogram(
+    "sessionbus_cache_request_duration_seconds", "Cache front request handling time",
+    ["protocol"], buckets=LAG_BUCKETS,
+)
+CACHE_CONNECTIONS = Gauge("sessionbus_cache_connections", "Open cache front connections")
+
+for _t in SESSION_EVENT_TYPES:
+    EVENTS_PUBLISHED.labels(_t.value)
+    EVENTS_DROPPED.labels(_t.value)
+    MESSAGES_RETURNED.labels(_t.value)
+for _k in ("full", "resumed"):
+    HANDSHAKES.labels(_k)
+for _r in ("hit", "miss"):
+    LOOKUPS.labels(_r)
+for _r in ("current", "renewed", "unknown"):
+    TICKET_DECRYPTIONS.labels(_r)
+for _r in ("timeout", "nack", "connection"):
+    PUBLISH_FAILURES.labels(_r)

@@ -1,0 +1,265 @@
+"""The TLS node: an asyncio TLS terminator whose OpenSSL session cache is the farm's.
+
+Sessions it makes go into its replica and out as NEW events; lookups are answered from the
+replica (which the embedded replicator fills with every peer's sessions); tickets, in stateless
+mode, are sealed with the farm's key ring.  The broker is never on the handshake path: if it is
+unreachable the node serves on, and events wait in the outbox until it returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
+from enum import StrEnum
+
+from aio_pika.abc import AbstractRobustConnection
+from consumer.peer_cache import PeerCache
+
+from consumer import metrics as cmetrics
+from consumer.key_follower import KeyFollower
+from consumer.replicator import Replicator, ReplicatorSettings
+from producer import metrics, openssl
+from producer.outbox import Outbox, OutboxSettings
+from producer.session_hooks import SessionHooks
+from producer.ticket_hooks import RingTicketKeys
+from schemas.broker import BrokerSettings, connect
+from schemas.sealing import BusKeys
+from schemas.topology import Topology, declare_core
+
+log = logging.getLogger(__name__)
+
+_MAX_REQUEST_HEAD = 16 << 10
+_IDLE_TIMEOUT = 30.0
+
+
+class TicketMode(StrEnum):
+    STATEFUL = "stateful"  # TLS 1.3 "tickets" are cache ids: every resumption goes via the replica
+    STATELESS = "stateless"  # tickets sealed with the farm's key ring
+    OFF = "off"  # no tickets: TLS 1.2 session ids only, TLS 1.3 never resumes
+
+
+@dataclass(frozen=True, slots=True)
+class NodeSettings:
+    node_id: str
+    host: str
+    port: int
+    cert: str
+    key: str
+    upstream: tuple[str, int] | None = None
+    session_timeout: int = 7200
+    tickets: TicketMode = TicketMode.STATEFUL
+    service: str = "sessionbus"  # the session id context: one per service, shared by its nodes
+    replication: bool = True
+    outbox: OutboxSettings = OutboxSettings()  # noqa: RUF009 - frozen
+    max_replica_entries: int = 1_000_000
+    max_replica_bytes: int = 512 * 2**20
+
+    @property
+    def sid_ctx(self) -> bytes:
+        return self.service.encode()
+
+
+def make_context(settings: NodeSettings) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(settings.cert, settings.key)
+    if settings.tickets is not TicketMode.STATELESS:
+        # Stateful: TLS 1.2 resumes by session id and TLS 1.3 tickets are ids in the cache.
+        ctx.options |= ssl.OP_NO_TICKET
+    if settings.tickets is TicketMode.OFF:
+        ctx.num_tickets = 0
+    return ctx
+
+
+class Node:
+    def __init__(
+        self,
+        settings: NodeSettings,
+        broker: BrokerSettings,
+        keys: BusKeys,
+        topology: Topology,
+    ) -> None:
+        if len(settings.sid_ctx) > openssl.MAX_SID_CTX:
+            raise ValueError(f"service name longer than {openssl.MAX_SID_CTX} bytes")
+        self.settings = settings
+        self._broker = broker
+        self._keys = keys
+        self._topo = topology
+        self.cache = PeerCache(
+            max_entries=settings.max_replica_entries, max_bytes=settings.max_replica_bytes
+        )
+        self.outbox = (
+            Outbox(settings.node_id, topology, keys, settings.outbox)
+            if settings.replication else None
+        )
+        self.hooks = SessionHooks(settings.node_id, settings.sid_ctx, self.cache, self.outbox)
+        self.ticket_keys = RingTicketKeys()
+        self.context = make_context(settings)
+        openssl.install_session_cache(
+            self.context, self.hooks, sid_ctx=settings.sid_ctx, timeout=settings.session_timeout
+        )
+        if settings.tickets is TicketMode.STATELESS:
+            openssl.install_ticket_keys(self.context, self.ticket_keys)
+        self.connection: AbstractRobustConnection | None = None
+        self.replicator: Replicator | None = None
+        self.key_follower: KeyFollower | None = None
+        self._server: asyncio.Server | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._conns: set[asyncio.Task[None]] = set()
+        self._bus_ready = asyncio.Event()
+
+    @property
+    def address(self) -> tuple[str, int]:
+        assert self._server is not None
+        host, port = self._server.sockets[0].getsockname()[:2]
+        return host, port
+
+    async def start(self) -> None:
+        needs_bus = self.settings.replication or self.settings.tickets is TicketMode.STATELESS
+        if needs_bus:
+            self.connection = await connect(
+                replace(self._broker, name=f"sessionbus node {self.settings.node_id}"),
+                wait=False, on_state=cmetrics.broker_state,
+            )
+            self._tasks.append(asyncio.get_running_loop().create_task(self._start_bus()))
+        self._server = await asyncio.start_server(
+            self._serve, self.settings.host, self.settings.port, ssl=self.context,
+            ssl_handshake_timeout=10, limit=_MAX_REQUEST_HEAD,
+        )
+        log.info("node %s listening on %s:%d", self.settings.node_id, *self.address)
+
+    async def _start_bus(self) -> None:
+        """Everything that needs the broker, started whenever it is first reachable."""
+        assert self.connection is not None
+        await self.connection.connected.wait()
+        await self._retry(self._declare)
+        if self.outbox is not None:
+            self._tasks.append(
+                asyncio.get_running_loop().create_task(self.outbox.run(self.connection))
+            )
+        if self.settings.tickets is TicketMode.STATELESS:
+            self.key_follower = KeyFollower(
+                self.connection, self._topo, self._keys, on_ring=self.ticket_keys.update
+            )
+            await self._retry(self.key_follower.start)
+        if self.settings.replication:
+            self.replicator = Replicator(
+                self.connection, self._topo, self._keys, self.cache,
+                ReplicatorSettings(
+                    node_id=self.settings.node_id, sid_ctx=self.settings.sid_ctx,
+                    session_lifetime=float(self.settings.session_timeout),
+                ),
+            )
+            await self._retry(self.replicator.start)
+        self._bus_ready.set()
+
+    async def _declare(self) -> None:
+        assert self.connection is not None
+        channel = await self.connection.channel()
+        try:
+            await declare_core(channel, self._topo)
+        finally:
+            await channel.close()
+
+    async def _retry(self, start: Callable[[], Awaitable[None]]) -> None:
+        delay = 0.2
+        while True:
+            try:
+                await start()
+                return
+            except Exception as exc:
+                log.warning("bus start failed (%s); retrying", type(exc).__name__)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def wait_bus_ready(self, timeout: float) -> bool:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._bus_ready.wait(), timeout)
+        return self._bus_ready.is_set()
+
+    async def stop(self, drain_timeout: float = 5.0) -> None:
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._server.wait_closed(), drain_timeout)
+        for t in list(self._conns):
+            t.cancel()
+        if (
+            self.outbox is not None
+            and self.connection is not None
+            and not await self.outbox.flush(drain_timeout)
+        ):
+            log.warning("%d events not published at shutdown", self.outbox.depth)
+        if self.replicator is not None:
+            await self.replicator.stop(drain_timeout)
+        if self.key_follower is not None:
+            await self.key_follower.stop()
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        if self.connection is not None:
+            with contextlib.suppress(Exception):
+                await self.connection.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._conns.add(task)
+        sslobj = writer.get_extra_info("ssl_object")
+        metrics.HANDSHAKES.labels("resumed" if sslobj.session_reused else "full").inc()
+        try:
+            if self.settings.upstream is not None:
+                await self._forward(reader, writer, *self.settings.upstream)
+            else:
+                await self._answer(reader, writer)
+        except ssl.SSLError:
+            session = sslobj.session
+            if session is not None:
+                self.hooks.connection_failed(session.id)
+        except (OSError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            pass
+        finally:
+            self._conns.discard(task)
+            writer.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(writer.wait_closed(), 2)
+
+    async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Answer one HTTP request with 200 and the node's id, then close."""
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), _IDLE_TIMEOUT)
+        if not head:
+            return
+        body = f"node {self.settings.node_id}\n".encode()
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: close\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode() + body
+        )
+        await writer.drain()
+
+    async def _forward(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str, port: int
+    ) -> None:
+        up_reader, up_writer = await asyncio.wait_for(
+            asyncio.open_connection(host, port), _IDLE_TIMEOUT
+        )
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            finally:
+                with contextlib.suppress(Exception):
+                    if dst.can_write_eof():
+                        dst.write_eof()
+
+        try:
+            await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+        finally:
+            up_writer.close()
+

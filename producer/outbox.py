@@ -1,0 +1,235 @@
+"""A bounded in-process queue of events and the task that publishes it in confirmed batches.
+
+``put_*`` run inside OpenSSL callbacks on the event loop: they only append to a deque.  The
+publisher takes up to ``batch_max`` events of one type (or what arrived within ``linger``), seals
+them into one message, and publishes with confirms, several batches in flight.  A batch whose
+publish fails (broker gone, timeout, nack) goes back to the front and is sent again after the
+connection returns: the receivers' idempotent apply makes a resend after a lost confirm harmless.
+
+When full, GET events (statistics) are dropped first; then the oldest event of the incoming type.
+Every drop is counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
+
+from producer import metrics
+from schemas.codec import CONTENT_TYPE, encode_rows
+from schemas.events import EventType, RemoveReason
+from schemas.sealing import BusKeys
+from schemas.topology import Topology, declare_core, session_routing_key
+
+log = logging.getLogger(__name__)
+
+_PRIORITY = (EventType.NEW, EventType.REMOVE, EventType.GET)
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxSettings:
+    capacity: int = 100_000
+    batch_max: int = 256
+    linger: float = 0.002  # seconds a partial batch waits for company
+    in_flight: int = 8  # batches awaiting confirms at once
+    publish_timeout: float = 10.0
+
+
+class Outbox:
+    def __init__(
+        self,
+        origin: str,
+        topology: Topology,
+        keys: BusKeys,
+        settings: OutboxSettings = OutboxSettings(),
+    ) -> None:
+        self.origin = origin
+        self._topo = topology
+        self._keys = keys
+        self._s = settings
+        self._queues: dict[EventType, deque[list[Any]]] = {t: deque() for t in _PRIORITY}
+        self._depth = 0
+        self._seq = 0
+        self._batches = 0
+        self._wake = asyncio.Event()
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._channel: AbstractChannel | None = None
+        self._published = {t: metrics.EVENTS_PUBLISHED.labels(t.value) for t in _PRIORITY}
+        self._dropped = {t: metrics.EVENTS_DROPPED.labels(t.value) for t in _PRIORITY}
+        metrics.OUTBOX_CAPACITY.set(settings.capacity)
+        metrics.OUTBOX_DEPTH.set_function(lambda: self._depth)
+
+    @property
+    def depth(self) -> int:
+        return self._depth
+
+    # --- producer API (synchronous, O(1), never blocks) ------------------------------------
+
+    def put_new(self, session_id: bytes, sid_ctx: bytes, expires: float, der: bytes,
+                opaque: bool = False) -> None:
+        self._put(EventType.NEW, [session_id, sid_ctx, expires, der, opaque])
+
+    def put_get(self, session_id: bytes, sid_ctx: bytes, expires: float, hit: bool,
+                session_origin: str | None) -> None:
+        self._put(EventType.GET, [session_id, sid_ctx, expires, hit, session_origin or ""])
+
+    def put_remove(self, session_id: bytes, sid_ctx: bytes, expires: float,
+                   reason: RemoveReason) -> None:
+        self._put(EventType.REMOVE, [session_id, sid_ctx, expires, reason.value])
+
+    def _put(self, type_: EventType, tail: list[Any]) -> None:
+        if self._depth >= self._s.capacity and not self._make_room(type_):
+            return
+        self._seq += 1
+        self._queues[type_].append([self._seq, time.time(), *tail])
+        self._depth += 1
+        self._wake.set()
+        self._idle.clear()
+
+    def _make_room(self, incoming: EventType) -> bool:
+        gets = self._queues[EventType.GET]
+        if incoming is EventType.GET or not gets:
+            victim = gets if incoming is EventType.GET else self._queues[incoming]
+            if incoming is EventType.GET or not victim:
+                self._dropped[incoming].inc()
+                return False
+            victim.popleft()
+            self._dropped[incoming].inc()
+        else:
+            gets.popleft()
+            self._dropped[EventType.GET].inc()
+        self._depth -= 1
+        return True
+
+    # --- publisher ------------------------------------------------------------------------
+
+    async def flush(self, timeout: float) -> bool:
+        """Wait until everything put so far is confirmed. False on timeout."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    def _take(self) -> tuple[EventType, list[list[Any]]] | None:
+        for t in _PRIORITY:
+            q = self._queues[t]
+            if q:
+                n = min(len(q), self._s.batch_max)
+                rows = [q.popleft() for _ in range(n)]
+                self._depth -= n
+                return t, rows
+        return None
+
+    def _give_back(self, type_: EventType, rows: list[list[Any]]) -> None:
+        q = self._queues[type_]
+        q.extendleft(reversed(rows))
+        self._depth += len(rows)
+        # Over capacity after a give-back: trim statistics first, as _put would have.
+        while self._depth > self._s.capacity:
+            victim = self._queues[EventType.GET] or q
+            dropped_type = EventType.GET if self._queues[EventType.GET] else type_
+            victim.pop()
+            self._dropped[dropped_type].inc()
+            self._depth -= 1
+
+    async def run(self, connection: AbstractRobustConnection) -> None:
+        """Publish forever (until cancelled)."""
+        slots = asyncio.Semaphore(self._s.in_flight)
+        exchange: AbstractExchange | None = None
+        failed = asyncio.Event()
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def publish(type_: EventType, rows: list[list[Any]],
+                          exchange: AbstractExchange) -> None:
+            try:
+                body, headers = encode_rows(type_, self.origin, rows, self._keys)
+                self._batches += 1
+                msg = aio_pika.Message(
+                    body, headers=headers, content_type=CONTENT_TYPE,
+                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                    message_id=f"{self.origin}.{self._batches}",
+                )
+                await asyncio.wait_for(
+                    exchange.publish(
+                        msg, session_routing_key(type_, self.origin),
+                        mandatory=type_ is not EventType.GET,
+                    ),
+                    self._s.publish_timeout,
+                )
+            except Exception as exc:
+                reason = (
+                    "timeout" if isinstance(exc, TimeoutError)
+                    else "nack" if type(exc).__name__ in ("DeliveryError", "PublishError")
+                    else "connection"
+                )
+                metrics.PUBLISH_FAILURES.labels(reason).inc()
+                log.warning("publish of %d %s events failed (%s); will resend", len(rows),
+                            type_.value, type(exc).__name__)
+                self._give_back(type_, rows)
+                failed.set()
+            else:
+                self._published[type_].inc(len(rows))
+            finally:
+                self._in_flight -= 1
+                slots.release()
+                if self._depth == 0 and self._in_flight == 0:
+                    self._idle.set()
+                self._wake.set()
+
+        while True:
+            if self._depth == 0:
+                self._wake.clear()
+                if self._in_flight == 0:
+                    self._idle.set()
+                await self._wake.wait()
+                continue
+            if failed.is_set() or exchange is None:
+                exchange = None
+                await connection.connected.wait()
+                try:
+                    exchange = await self._open(connection)
+                except Exception as exc:
+                    log.warning("cannot open publishing channel: %s", type(exc).__name__)
+                    await asyncio.sleep(0.5)
+                    continue
+                failed.clear()
+            if self._depth < self._s.batch_max:
+                await asyncio.sleep(self._s.linger)
+            await slots.acquire()
+            taken = self._take()
+            if taken is None:
+                slots.release()
+                continue
+            self._in_flight += 1
+            task = asyncio.get_running_loop().create_task(publish(*taken, exchange))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+            if failed.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(asyncio.sleep(0.2)), 1)
+
+    async def _open(self, connection: AbstractRobustConnection) -> AbstractExchange:
+        if self._channel is not None:  # one publishing channel at a time
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._channel.close(), 2)
+        self._channel = channel = await connection.channel(publisher_confirms=True)
+        channel.return_callbacks.add(self._on_return)
+        await declare_core(channel, self._topo)
+        return await channel.get_exchange(self._topo.sessions_exchange, ensure=False)
+
+    def _on_return(self, _channel: Any, message: Any) -> None:
+        key = getattr(message, "routing_key", "") or ""
+        parts = key.split(".")
+        type_ = parts[1] if len(parts) > 2 and parts[1] in ("new", "get", "remove") else "new"
+        metrics.MESSAGES_RETURNED.labels(type_).inc()

@@ -1,0 +1,83 @@
+"""OpenSSL's session-cache callbacks → the node's replica and NEW/GET/REMOVE events.
+
+Everything here runs inside a handshake, on the event loop: it touches memory only (the replica,
+the outbox's deque), never the network.
+
+The remove callback is not a revocation: OpenSSL also calls it whenever a connection is freed
+without the server having sent close_notify, which on asyncio is every client that drops TCP.
+So it only marks the session; the node propagates a REMOVE when the connection that used the
+session ended in a TLS error (a fatal alert), and never for a plain EOF.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+
+from consumer.peer_cache import PeerCache
+
+from producer import metrics
+from producer.outbox import Outbox
+from schemas.events import RemoveReason
+
+_MARKS = 4096  # sessions OpenSSL invalidated recently, waiting for their connection's verdict
+
+
+class SessionHooks:
+    """Implements ``producer.openssl.SessionCallbacks`` for one node."""
+
+    def __init__(
+        self, node_id: str, sid_ctx: bytes, cache: PeerCache, outbox: Outbox | None
+    ) -> None:
+        self.node_id = node_id
+        self.sid_ctx = sid_ctx
+        self.cache = cache
+        self.outbox = outbox  # None: replication off (a lone node, or the benchmark's baseline)
+        self._marked: OrderedDict[bytes, None] = OrderedDict()
+        self._hit = metrics.LOOKUPS.labels("hit")
+        self._miss = metrics.LOOKUPS.labels("miss")
+
+    def on_new(self, session_id: bytes, der: bytes, expires_at: float) -> None:
+        self.cache.put(
+            session_id, der, expires=expires_at, origin=self.node_id, sid_ctx=self.sid_ctx,
+            event_time=time.time(),
+        )
+        if self.outbox is not None:
+            self.outbox.put_new(session_id, self.sid_ctx, expires_at, der)
+
+    def on_get(self, session_id: bytes) -> bytes | None:
+        found = self.cache.get(session_id)
+        if found is None or found.sid_ctx != self.sid_ctx:
+            self._miss.inc()
+            if self.outbox is not None:
+                self.outbox.put_get(session_id, self.sid_ctx, 0.0, False, None)
+            return None
+        self._hit.inc()
+        if self.outbox is not None:
+            self.outbox.put_get(session_id, self.sid_ctx, found.expires, True, found.origin)
+        return found.der
+
+    def on_remove(self, session_id: bytes) -> None:
+        marked = self._marked
+        marked[session_id] = None
+        if len(marked) > _MARKS:
+            marked.popitem(last=False)
+
+    def connection_failed(self, session_id: bytes) -> bool:
+        """The connection that used ``session_id`` ended in a TLS error.
+
+        If OpenSSL invalidated the session, it must not resume anywhere: drop it here and
+        publish a REMOVE.  Returns True when it did.
+        """
+        if self._marked.pop(session_id, False) is False:
+            return False
+        found = self.cache.get(session_id)
+        expires = found.expires if found else time.time() + 86400.0
+        self.revoke(session_id, expires, RemoveReason.ALERT)
+        metrics.REMOVES_PROPAGATED.inc()
+        return True
+
+    def revoke(self, session_id: bytes, expires: float, reason: RemoveReason) -> None:
+        self.cache.remove(session_id, expires=expires, event_time=time.time())
+        if self.outbox is not None:
+            self.outbox.put_remove(session_id, self.sid_ctx, expires, reason)

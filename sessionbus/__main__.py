@@ -1,0 +1,5 @@
+import sys
+
+from sessionbus.cli import main
+
+sys.exit(main())

@@ -1,0 +1,210 @@
+"""Test support: start sessionbus processes, TLS clients over loopback, cleanup of bus names."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from schemas.broker import BrokerSettings, connect
+from schemas.topology import Topology, delete_all
+
+AMQP_URL = os.environ.get("SESSIONBUS_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def unique_prefix() -> str:
+    return f"sbtest-{uuid.uuid4().hex[:10]}"
+
+
+@dataclass
+class Proc:
+    """A sessionbus process started by a test; stopped by PID at teardown."""
+
+    args: list[str]
+    popen: subprocess.Popen[str]
+    lines: list[str] = field(default_factory=list)
+    _reader: threading.Thread | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def wait_for(self, text: str, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(text in line for line in list(self.lines)):
+                return
+            if self.popen.poll() is not None:
+                time.sleep(0.2)  # let the reader catch the last lines
+                raise RuntimeError(
+                    f"process exited ({self.popen.returncode}) before {text!r}:\n{self.output()}"
+                )
+            time.sleep(0.05)
+        raise TimeoutError(f"no {text!r} within {timeout}s:\n{self.output()}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+        if self.popen.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, sig)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.kill(self.pid, signal.SIGKILL)
+                self.popen.wait(5)
+        if self._reader is not None:
+            self._reader.join(5)
+        return self.popen.returncode
+
+
+def start(args: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> Proc:
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    popen = subprocess.Popen(
+        [sys.executable, "-m", "sessionbus", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env,
+        cwd=str(cwd or REPO),
+    )
+    proc = Proc(args, popen)
+
+    def read() -> None:
+        assert popen.stdout is not None
+        for line in popen.stdout:
+            proc.lines.append(line)
+
+    proc._reader = threading.Thread(target=read, daemon=True)
+    proc._reader.start()
+    return proc
+
+
+class Processes:
+    """Every process a test started, stopped at teardown even when the test failed."""
+
+    def __init__(self) -> None:
+        self.procs: list[Proc] = []
+
+    def start(self, args: list[str], env: dict[str, str] | None = None) -> Proc:
+        p = start(args, env)
+        self.procs.append(p)
+        return p
+
+    def stop_all(self) -> None:
+        for p in reversed(self.procs):
+            p.stop()
+
+
+def delete_topology(prefix: str, queues: list[str]) -> None:
+    async def go() -> None:
+        conn = await connect(BrokerSettings(url=AMQP_URL))
+        try:
+            ch = await conn.channel()
+            await delete_all(ch, Topology(prefix=prefix), queues)
+        finally:
+            await conn.close()
+
+    asyncio.run(go())
+
+
+# --- TLS client --------------------------------------------------------------------------
+
+
+@dataclass
+class Handshake:
+    reused: bool
+    session: ssl.SSLSession | None
+    body: bytes
+    version: str | None
+
+
+@functools.cache
+def client_context(version: str) -> ssl.SSLContext:
+    """One client context per version (a saved session can only be offered on its context)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    v = ssl.TLSVersion.TLSv1_3 if version == "1.3" else ssl.TLSVersion.TLSv1_2
+    ctx.minimum_version = ctx.maximum_version = v
+    return ctx
+
+
+def handshake(
+    port: int, ctx: ssl.SSLContext, session: ssl.SSLSession | None = None,
+    request: bool = True, close_notify: bool = False,
+) -> Handshake:
+    """One connection: handshake (offering ``session``), one HTTP request, close.
+
+    Python's client closes without close_notify unless ``close_notify``: the case that must not
+    revoke the session.
+    """
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        tls = ctx.wrap_socket(raw, server_hostname="localhost", session=session)
+        body = b""
+        if request:
+            tls.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            chunks = []
+            while chunk := tls.recv(4096):
+                chunks.append(chunk)
+            body = b"".join(chunks)
+        # TLS 1.3 tickets arrive after the handshake: reading the reply above receives them.
+        result = Handshake(tls.session_reused, tls.session, body, tls.version())
+        if close_notify:
+            with contextlib.suppress(OSError, ssl.SSLError):
+                tls.unwrap()
+        tls.close()
+        return result
+
+
+def s_client(port: int, version: str, sess_out: Path | None = None,
+             sess_in: Path | None = None) -> str:
+    """``openssl s_client`` connect; returns its output (look for "Reused")."""
+    args = ["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-servername", "localhost",
+            "-tls1_3" if version == "1.3" else "-tls1_2", "-ign_eof"]
+    if sess_out is not None:
+        args += ["-sess_out", str(sess_out)]
+    if sess_in is not None:
+        args += ["-sess_in", str(sess_in)]
+    out = subprocess.run(
+        args, input="GET / HTTP/1.0\r\n\r\n", capture_output=True, text=True, timeout=20,
+    )
+    return out.stdout + out.stderr
+
+
+def make_cert(directory: Path) -> tuple[Path, Path]:
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+         "-nodes", "-days", "2", "-subj", "/CN=localhost", "-keyout", str(key), "-out",
+         str(cert)],
+        check=True, capture_output=True,
+    )
+    return cert, key
+
+
+def retry_until(fn: object, timeout: float = 10.0, interval: float = 0.1) -> Iterator[int]:
+    """Yield attempt numbers until ``timeout``: ``for _ in retry_until(...)`` with a break."""
+    deadline = time.monotonic() + timeout
+    n = 0
+    while time.monotonic() < deadline:
+        yield n
+        n += 1
+        time.sleep(interval)
