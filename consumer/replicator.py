@@ -103,6 +103,7 @@ class Replicator:
             self._replay = Subscription(
                 self._conn, self._topo, StreamSource(self._topo.session_stream, since),
                 self._decode, self._on_replayed, prefetch=self.settings.prefetch,
+                report_rejects=False,
             )
             await self._replay.start()
             self._tasks.append(asyncio.get_running_loop().create_task(self._watch_replay()))

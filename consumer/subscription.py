@@ -70,8 +70,12 @@ class Subscription(Generic[T]):
         handler: Handler[T],
         *,
         prefetch: int = 64,
+        report_rejects: bool = True,
     ) -> None:
         self._conn = connection
+        # False for a replay of messages live consumers already judged: counting and
+        # dead-lettering them again would double every reject.
+        self._report = report_rejects
         self._topo = topology
         self._source = source
         self._decode = decode
@@ -83,6 +87,8 @@ class Subscription(Generic[T]):
         self._inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
         self._worker: asyncio.Task[None] | None = None
         self._stopping = False
+        self._closing = False
+        self._busy = False
         self.last_offset: int | None = None  # streams: the last offset handled
         self.handled = 0  # messages handled (acked)
         self.idle = asyncio.Event()  # set whenever the inbox is empty and nothing is in flight
@@ -147,15 +153,21 @@ class Subscription(Generic[T]):
             self._tag = None
 
     async def stop(self, timeout: float = 10.0) -> bool:
-        """Cancel, finish what was delivered within ``timeout``, close. True if fully drained."""
+        """Stop: no new deliveries, finish the message being handled within ``timeout``, close.
+
+        Messages delivered but not started are left unacked: closing the channel hands them
+        back to the broker (a queue redelivers them; a stream resumes from the offset reached).
+        Returns True if the handler finished in time.
+        """
         await self.cancel()
-        drained = True
+        self._closing = True
+        finished = True
         try:
-            await asyncio.wait_for(self._drain(), timeout)
+            await asyncio.wait_for(self._busy_done(), timeout)
         except TimeoutError:
-            drained = False
-            log.warning("subscription %s: %d messages left unacked (redelivered later)",
-                        self._source.name, self._inbox.qsize())
+            finished = False
+            log.warning("subscription %s: handler still busy after %.0fs; stopping it",
+                        self._source.name, timeout)
         if self._worker is not None:
             self._worker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -163,16 +175,26 @@ class Subscription(Generic[T]):
         if self._channel is not None and not self._channel.is_closed:
             with contextlib.suppress(Exception):
                 await self._channel.close()
-        return drained
+        return finished
 
-    async def _drain(self) -> None:
-        while not (self._inbox.empty() and self.idle.is_set()):
-            await self.idle.wait()
-            await asyncio.sleep(0)
+    async def _busy_done(self) -> None:
+        while self._busy:
+            await asyncio.sleep(0.01)
+
+    async def drained(self, timeout: float) -> bool:
+        """Wait until everything delivered so far has been handled (tests, warm-up)."""
+        try:
+            await asyncio.wait_for(self.idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
 
     async def _work(self) -> None:
-        while True:
+        while not self._closing:
             message = await self._inbox.get()
+            if self._closing:
+                break
+            self._busy = True
             try:
                 await self._handle(message)
             except asyncio.CancelledError:
@@ -180,6 +202,7 @@ class Subscription(Generic[T]):
             except Exception:
                 log.exception("subscription %s: unexpected error", self._source.name)
             finally:
+                self._busy = False
                 if self._inbox.empty():
                     self.idle.set()
 
@@ -196,11 +219,12 @@ class Subscription(Generic[T]):
         try:
             decoded = self._decode(message.body, headers)
         except EnvelopeError as exc:
-            metrics.EVENTS_REJECTED.labels(exc.reason.value).inc()
-            await self._dead_letter(message, exc.reason.value)
+            if self._report:
+                metrics.EVENTS_REJECTED.labels(exc.reason.value).inc()
+                await self._dead_letter(message, exc.reason.value)
         else:
             failed = await self._handler(decoded) or []
-            if isinstance(decoded, DecodedBatch) and decoded.rejected:
+            if isinstance(decoded, DecodedBatch) and decoded.rejected and self._report:
                 for r in decoded.rejected:
                     metrics.EVENTS_REJECTED.labels(r.reason).inc()
                 failed = [(r.index, r.reason) for r in decoded.rejected] + failed

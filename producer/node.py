@@ -17,10 +17,10 @@ from dataclasses import dataclass, replace
 from enum import StrEnum
 
 from aio_pika.abc import AbstractRobustConnection
-from consumer.peer_cache import PeerCache
 
 from consumer import metrics as cmetrics
 from consumer.key_follower import KeyFollower
+from consumer.peer_cache import PeerCache
 from consumer.replicator import Replicator, ReplicatorSettings
 from producer import metrics, openssl
 from producer.outbox import Outbox, OutboxSettings
@@ -95,7 +95,10 @@ class Node:
             Outbox(settings.node_id, topology, keys, settings.outbox)
             if settings.replication else None
         )
-        self.hooks = SessionHooks(settings.node_id, settings.sid_ctx, self.cache, self.outbox)
+        self.hooks = SessionHooks(
+            settings.node_id, settings.sid_ctx, self.cache, self.outbox,
+            stateless_tickets=settings.tickets is TicketMode.STATELESS,
+        )
         self.ticket_keys = RingTicketKeys()
         self.context = make_context(settings)
         openssl.install_session_cache(

@@ -6,14 +6,15 @@ them into one message, and publishes with confirms, several batches in flight.  
 publish fails (broker gone, timeout, nack) goes back to the front and is sent again after the
 connection returns: the receivers' idempotent apply makes a resend after a lost confirm harmless.
 
-When full, GET events (statistics) are dropped first; then the oldest event of the incoming type.
-Every drop is counted.
+When full, GET events (statistics) are dropped first, then the oldest NEW; a REMOVE (a revocation)
+is dropped only when nothing else is left.  Every drop is counted.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 from collections import deque
@@ -32,6 +33,13 @@ from schemas.topology import Topology, declare_core, session_routing_key
 log = logging.getLogger(__name__)
 
 _PRIORITY = (EventType.NEW, EventType.REMOVE, EventType.GET)
+# What a full outbox drops to make room for an incoming event of each type (oldest first); an
+# incoming GET never displaces anything.
+_DROP_ORDER: dict[EventType, tuple[EventType, ...]] = {
+    EventType.GET: (),
+    EventType.NEW: (EventType.GET, EventType.NEW),
+    EventType.REMOVE: (EventType.GET, EventType.NEW),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,19 +105,18 @@ class Outbox:
         self._idle.clear()
 
     def _make_room(self, incoming: EventType) -> bool:
-        gets = self._queues[EventType.GET]
-        if incoming is EventType.GET or not gets:
-            victim = gets if incoming is EventType.GET else self._queues[incoming]
-            if incoming is EventType.GET or not victim:
-                self._dropped[incoming].inc()
-                return False
-            victim.popleft()
-            self._dropped[incoming].inc()
-        else:
-            gets.popleft()
-            self._dropped[EventType.GET].inc()
-        self._depth -= 1
-        return True
+        """Drop one queued event for ``incoming``, or refuse it. Statistics go first, then
+        sessions that merely fill caches (NEW), and revocations (REMOVE) last of all."""
+        order = _DROP_ORDER[incoming]
+        for victim in order:
+            q = self._queues[victim]
+            if q:
+                q.popleft()
+                self._dropped[victim].inc()
+                self._depth -= 1
+                return True
+        self._dropped[incoming].inc()
+        return False
 
     # --- publisher ------------------------------------------------------------------------
 
@@ -122,25 +129,51 @@ class Outbox:
         return True
 
     def _take(self) -> tuple[EventType, list[list[Any]]] | None:
-        for t in _PRIORITY:
-            q = self._queues[t]
-            if q:
-                n = min(len(q), self._s.batch_max)
-                rows = [q.popleft() for _ in range(n)]
-                self._depth -= n
-                return t, rows
-        return None
+        """The next batch: from the type whose oldest event is oldest, as many as may go.
+
+        Batches are per type (routing keys are), yet the events of one session must leave in
+        the order they happened (a consumer sees NEW, GET..., REMOVE in that order).  So a batch
+        stops before an event whose session has an older event still waiting in another type's
+        queue.  Only the other queues' events older than the batch's last are looked at.
+        """
+        heads = [(q[0][0], t) for t, q in self._queues.items() if q]
+        if not heads:
+            return None
+        _, type_ = min(heads)
+        q = self._queues[type_]
+        n = min(len(q), self._s.batch_max)
+        candidate = list(itertools.islice(q, n))
+        last_seq = candidate[-1][0]
+        older: dict[bytes, int] = {}
+        for t, other in self._queues.items():
+            if t is type_:
+                continue
+            for row in other:
+                if row[0] > last_seq:
+                    break
+                seen = older.get(row[2])
+                if seen is None or row[0] < seen:
+                    older[row[2]] = row[0]
+        if older:
+            for i, row in enumerate(candidate):
+                first = older.get(row[2])
+                if first is not None and first < row[0]:
+                    candidate = candidate[:i]
+                    break
+        for _ in candidate:
+            q.popleft()
+        self._depth -= len(candidate)
+        return type_, candidate
 
     def _give_back(self, type_: EventType, rows: list[list[Any]]) -> None:
-        q = self._queues[type_]
-        q.extendleft(reversed(rows))
+        self._queues[type_].extendleft(reversed(rows))
         self._depth += len(rows)
-        # Over capacity after a give-back: trim statistics first, as _put would have.
+        # Over capacity after a give-back: trim in the same order as _put would have.
         while self._depth > self._s.capacity:
-            victim = self._queues[EventType.GET] or q
-            dropped_type = EventType.GET if self._queues[EventType.GET] else type_
-            victim.pop()
-            self._dropped[dropped_type].inc()
+            victim = next(t for t in _DROP_ORDER[EventType.REMOVE] + (EventType.REMOVE,)
+                          if self._queues[t])
+            self._queues[victim].pop()
+            self._dropped[victim].inc()
             self._depth -= 1
 
     async def run(self, connection: AbstractRobustConnection) -> None:

@@ -15,21 +15,26 @@ import time
 from collections import OrderedDict
 
 from consumer.peer_cache import PeerCache
-
 from producer import metrics
 from producer.outbox import Outbox
 from schemas.events import RemoveReason
+from schemas.session_der import DerError, parse_session
 
-_MARKS = 4096  # sessions OpenSSL invalidated recently, waiting for their connection's verdict
+_MARKS = 4096
+_TLS1_3 = 0x0304  # sessions OpenSSL invalidated recently, waiting for their connection's verdict
 
 
 class SessionHooks:
     """Implements ``producer.openssl.SessionCallbacks`` for one node."""
 
     def __init__(
-        self, node_id: str, sid_ctx: bytes, cache: PeerCache, outbox: Outbox | None
+        self, node_id: str, sid_ctx: bytes, cache: PeerCache, outbox: Outbox | None,
+        *, stateless_tickets: bool = False,
     ) -> None:
         self.node_id = node_id
+        # With stateless tickets OpenSSL still calls the new callback for every TLS 1.3 ticket
+        # it issues, but resumes those from the ticket itself: caching them is waste.
+        self._skip_tls13 = stateless_tickets
         self.sid_ctx = sid_ctx
         self.cache = cache
         self.outbox = outbox  # None: replication off (a lone node, or the benchmark's baseline)
@@ -38,6 +43,8 @@ class SessionHooks:
         self._miss = metrics.LOOKUPS.labels("miss")
 
     def on_new(self, session_id: bytes, der: bytes, expires_at: float) -> None:
+        if self._skip_tls13 and _is_tls13(der):
+            return
         self.cache.put(
             session_id, der, expires=expires_at, origin=self.node_id, sid_ctx=self.sid_ctx,
             event_time=time.time(),
@@ -81,3 +88,10 @@ class SessionHooks:
         self.cache.remove(session_id, expires=expires, event_time=time.time())
         if self.outbox is not None:
             self.outbox.put_remove(session_id, self.sid_ctx, expires, reason)
+
+
+def _is_tls13(der: bytes) -> bool:
+    try:
+        return parse_session(der).ssl_version == _TLS1_3
+    except DerError:
+        return False

@@ -18,6 +18,7 @@ class DerError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class SessionFields:
+    ssl_version: int  # 0x0303 TLS 1.2, 0x0304 TLS 1.3
     session_id: bytes
     time: int | None
     timeout: int | None
@@ -60,11 +61,14 @@ def parse_session(der: bytes) -> SessionFields:
         raise DerError("not a SEQUENCE")
     expected = (0x02, 0x02, 0x04, 0x04)  # version, ssl_version, cipher, session_id
     session_id = b""
+    ssl_version = 0
     for i, want in enumerate(expected):
         tag, start, stop = _tlv(der, pos, end)
         if tag != want:
             raise DerError("unexpected field")
-        if i == 3:
+        if i == 1:
+            ssl_version = _int(der, start, stop)
+        elif i == 3:
             session_id = der[start:stop]
         pos = stop
     time_: int | None = None
@@ -86,4 +90,7 @@ def parse_session(der: bytes) -> SessionFields:
                     time_ = _int(der, istart, istop)
                 else:
                     timeout = _int(der, istart, istop)
-    return SessionFields(session_id=session_id, time=time_, timeout=timeout, sid_ctx=sid_ctx)
+    return SessionFields(
+        ssl_version=ssl_version, session_id=session_id, time=time_, timeout=timeout,
+        sid_ctx=sid_ctx,
+    )

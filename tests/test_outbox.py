@@ -1,0 +1,76 @@
+"""The outbox without a broker: bounded, drops GET first, batches keep each session's order."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from prometheus_client import REGISTRY
+
+from producer.outbox import Outbox, OutboxSettings
+from schemas.events import EventType, RemoveReason
+from schemas.sealing import BusKeys, new_key
+from schemas.topology import Topology
+
+KEYS = BusKeys([new_key()])
+
+
+def dropped(type_: str) -> float:
+    return REGISTRY.get_sample_value("sessionbus_events_dropped_total", {"type": type_}) or 0.0
+
+
+def put(box: Outbox, type_: EventType, sid: bytes) -> None:
+    if type_ is EventType.NEW:
+        box.put_new(sid, b"ctx", 1e10, b"der")
+    elif type_ is EventType.GET:
+        box.put_get(sid, b"ctx", 1e10, True, "a")
+    else:
+        box.put_remove(sid, b"ctx", 1e10, RemoveReason.REVOKE)
+
+
+def drain(box: Outbox) -> list[tuple[EventType, list[list[object]]]]:
+    batches = []
+    while (taken := box._take()) is not None:
+        batches.append(taken)
+    return batches
+
+
+def test_full_outbox_drops_get_first_and_counts() -> None:
+    box = Outbox("node-a", Topology(), KEYS, OutboxSettings(capacity=10))
+    before = {t: dropped(t) for t in ("new", "get", "remove")}
+    for i in range(6):
+        put(box, EventType.GET, bytes([i]))
+    for i in range(8):
+        put(box, EventType.NEW, bytes([100 + i]))
+    assert box.depth == 10
+    assert dropped("get") - before["get"] == 4  # room for NEW came from statistics
+    put(box, EventType.GET, b"late")  # full and the newcomer is a GET: it goes
+    assert dropped("get") - before["get"] == 5
+    for i in range(3):
+        put(box, EventType.REMOVE, bytes([200 + i]))
+    assert box.depth == 10
+    batches = drain(box)
+    kinds = {t: sum(len(rows) for tt, rows in batches if tt is t) for t in EventType}
+    assert kinds[EventType.REMOVE] == 3 and kinds[EventType.GET] == 0
+    assert kinds[EventType.NEW] == 7  # the oldest NEW made room once GETs were gone
+    assert dropped("new") - before["new"] == 1
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from([EventType.NEW, EventType.GET, EventType.REMOVE]),
+                          st.integers(0, 7)), max_size=300),
+       st.integers(1, 20))
+def test_batches_keep_every_sessions_order(events: list[tuple[EventType, int]],
+                                           batch_max: int) -> None:
+    box = Outbox("node-a", Topology(), KEYS, OutboxSettings(batch_max=batch_max))
+    for type_, s in events:
+        put(box, type_, bytes([s]))
+    batches = drain(box)
+    assert all(0 < len(rows) <= batch_max for _, rows in batches)
+    assert all(len({t}) == 1 for t, _ in batches)
+    out = [(row[0], row[2]) for _, rows in batches for row in rows]
+    assert sorted(seq for seq, _ in out) == list(range(1, len(events) + 1))  # each exactly once
+    by_session: dict[bytes, list[int]] = {}
+    for seq, sid in out:
+        by_session.setdefault(sid, []).append(seq)  # type: ignore[arg-type]
+    for seqs in by_session.values():
+        assert seqs == sorted(seqs)

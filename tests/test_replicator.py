@@ -1,0 +1,216 @@
+"""The replicator on the real broker: apply, consistency rules, expiry, bad input, warm join."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import AsyncIterator, Callable
+
+import aio_pika
+import pytest
+from aio_pika.abc import AbstractRobustConnection
+from prometheus_client import REGISTRY
+
+from consumer.peer_cache import PeerCache
+from consumer.replicator import Replicator, ReplicatorSettings
+from producer.outbox import Outbox
+from schemas.codec import CONTENT_TYPE, encode_rows
+from schemas.events import EventType, RemoveReason
+from schemas.sealing import BusKeys
+from schemas.topology import Topology, declare_core, session_routing_key
+from tests.conftest import TEST_SID_CTX
+
+pytestmark = pytest.mark.broker
+
+DerFactory = Callable[..., bytes]
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float = 15.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        await asyncio.sleep(0.02)
+    return predicate()
+
+
+def rejected_total(reason: str) -> float:
+    return REGISTRY.get_sample_value("sessionbus_events_rejected_total", {"reason": reason}) or 0.0
+
+
+class Bus:
+    def __init__(self, conn: AbstractRobustConnection, topo: Topology, keys: BusKeys,
+                 queues: list[str]) -> None:
+        self.conn, self.topo, self.keys, self.queues = conn, topo, keys, queues
+        self.replicators: list[Replicator] = []
+        self.tasks: list[asyncio.Task[None]] = []
+
+    async def replica(self, node_id: str, **kw: object) -> Replicator:
+        self.queues.append(self.topo.replica_queue(node_id))
+        r = Replicator(self.conn, self.topo, self.keys, PeerCache(),
+                       ReplicatorSettings(node_id=node_id, sid_ctx=TEST_SID_CTX, **kw))  # type: ignore[arg-type]
+        await r.start()
+        self.replicators.append(r)
+        return r
+
+    def outbox(self, origin: str) -> Outbox:
+        box = Outbox(origin, self.topo, self.keys)
+        self.tasks.append(asyncio.get_running_loop().create_task(box.run(self.conn)))
+        return box
+
+    async def publish_raw(self, body: bytes, headers: dict[str, object], key: str) -> None:
+        ch = await self.conn.channel()
+        x = await ch.get_exchange(self.topo.sessions_exchange)
+        await x.publish(aio_pika.Message(body, headers=headers, content_type=CONTENT_TYPE), key)  # type: ignore[arg-type]
+        await ch.close()
+
+    async def close(self) -> None:
+        for r in self.replicators:
+            await r.stop(5)
+        for t in self.tasks:
+            t.cancel()
+
+
+@pytest.fixture
+async def bus(
+    connection: AbstractRobustConnection, topology: Topology, bus_keys: BusKeys,
+    declared_queues: list[str],
+) -> AsyncIterator[Bus]:
+    ch = await connection.channel()
+    await declare_core(ch, topology)
+    await ch.close()
+    b = Bus(connection, topology, bus_keys, declared_queues)
+    try:
+        yield b
+    finally:
+        await b.close()
+
+
+async def test_events_from_a_producer_are_applied(bus: Bus, session_der: DerFactory) -> None:
+    replica = await bus.replica("node-b")
+    box = bus.outbox("node-a")
+    ids = [os.urandom(32) for _ in range(200)]
+    for sid in ids:
+        box.put_new(sid, TEST_SID_CTX, time.time() + 300, session_der(session_id=sid))
+    assert await wait_until(lambda: all(sid in replica.cache for sid in ids))
+    found = replica.cache.get(ids[0])
+    assert found is not None and found.origin == "node-a"
+    for sid in ids[:50]:
+        box.put_remove(sid, TEST_SID_CTX, time.time() + 300, RemoveReason.REVOKE)
+    assert await wait_until(lambda: not any(sid in replica.cache for sid in ids[:50]))
+    assert all(sid in replica.cache for sid in ids[50:])
+
+
+async def test_own_live_events_are_skipped(bus: Bus, session_der: DerFactory) -> None:
+    # (a replay applies a node's own events too: a node that restarted has lost them)
+    replica = await bus.replica("node-a", replay=False)
+    other = await bus.replica("node-b", replay=False)
+    box = bus.outbox("node-a")
+    sid = os.urandom(32)
+    box.put_new(sid, TEST_SID_CTX, time.time() + 300, session_der(session_id=sid))
+    assert await wait_until(lambda: sid in other.cache)
+    assert sid not in replica.cache  # a node puts its own sessions in its replica itself
+
+
+async def test_remove_then_older_new_stays_removed(bus: Bus, session_der: DerFactory) -> None:
+    replica = await bus.replica("node-b")
+    sid = os.urandom(32)
+    now = time.time()
+    der = session_der(session_id=sid)
+    body, headers = encode_rows(
+        EventType.REMOVE, "node-a", [[2, now, sid, TEST_SID_CTX, now + 300, "revoke"]], bus.keys)
+    await bus.publish_raw(body, headers, session_routing_key(EventType.REMOVE, "node-a"))
+    # the NEW happened earlier but arrives later (another route, a replay, a resend)
+    body, headers = encode_rows(
+        EventType.NEW, "node-a", [[1, now - 5, sid, TEST_SID_CTX, now + 300, der, False]],
+        bus.keys)
+    await bus.publish_raw(body, headers, session_routing_key(EventType.NEW, "node-a"))
+    marker = os.urandom(32)
+    body, headers = encode_rows(
+        EventType.NEW, "node-a",
+        [[3, now, marker, TEST_SID_CTX, now + 300, session_der(session_id=marker), False]],
+        bus.keys)
+    await bus.publish_raw(body, headers, session_routing_key(EventType.NEW, "node-a"))
+    assert await wait_until(lambda: marker in replica.cache)  # everything before it was applied
+    assert sid not in replica.cache
+    assert replica.cache.get(sid) is None
+
+
+async def test_expired_sessions_are_never_served(bus: Bus, session_der: DerFactory) -> None:
+    replica = await bus.replica("node-b")
+    box = bus.outbox("node-a")
+    short, past = os.urandom(32), os.urandom(32)
+    before = rejected_total("expired")
+    box.put_new(short, TEST_SID_CTX, time.time() + 1.0, session_der(session_id=short))
+    box.put_new(past, TEST_SID_CTX, time.time() - 1.0, session_der(session_id=past))
+    assert await wait_until(lambda: short in replica.cache)
+    assert await wait_until(lambda: rejected_total("expired") >= before + 1)
+    assert replica.cache.get(past) is None
+    await asyncio.sleep(1.2)
+    assert replica.cache.get(short) is None
+
+
+async def test_a_thousand_bad_messages_are_dead_lettered_and_counted(
+    bus: Bus, session_der: DerFactory, other_bus_keys: BusKeys,
+) -> None:
+    replica = await bus.replica("node-b")
+    reasons = ("forged", "unknown_key", "version", "oversize", "truncated")
+    before = {r: rejected_total(r) for r in reasons}
+    now = time.time()
+    good_row = [1, now, b"x" * 32, TEST_SID_CTX, now + 300,
+                session_der(session_id=b"x" * 32), False]
+    key = session_routing_key(EventType.NEW, "node-x")
+    sent = dict.fromkeys(reasons, 0)
+    ch = await bus.conn.channel(publisher_confirms=True)
+    x = await ch.get_exchange(bus.topo.sessions_exchange)
+    for i in range(1000):
+        kind = reasons[i % len(reasons)]
+        if kind == "forged":
+            body, headers = encode_rows(EventType.NEW, "node-x", [good_row], bus.keys)
+            flip = i % len(body)
+            body = body[:flip] + bytes([body[flip] ^ 0x01]) + body[flip + 1 :]
+        elif kind == "unknown_key":
+            body, headers = encode_rows(EventType.NEW, "node-x", [good_row], other_bus_keys)
+        elif kind == "version":
+            body, headers = encode_rows(EventType.NEW, "node-x", [good_row], bus.keys)
+            headers = {**headers, "sessionbus-version": 99}
+        elif kind == "oversize":
+            body, headers = os.urandom(1100 * 1024), {"sessionbus-version": 1,
+                                                      "sessionbus-type": "new",
+                                                      "sessionbus-origin": "node-x"}
+        else:
+            body, headers = os.urandom(i % 31), {"sessionbus-version": 1,
+                                                 "sessionbus-type": "new",
+                                                 "sessionbus-origin": "node-x"}
+        sent[kind] += 1
+        await x.publish(aio_pika.Message(body, headers=headers), key)  # type: ignore[arg-type]
+    await ch.close()
+    # a good message after them still gets through: the worker kept running
+    box = bus.outbox("node-x")
+    sid = os.urandom(32)
+    box.put_new(sid, TEST_SID_CTX, time.time() + 300, session_der(session_id=sid))
+    assert await wait_until(lambda: sid in replica.cache, timeout=60)
+    assert await wait_until(
+        lambda: sum(rejected_total(r) - before[r] for r in reasons) >= 1000, timeout=60)
+    await asyncio.sleep(0.5)  # nothing more may arrive: exactly one count per message
+    for r in reasons:
+        assert rejected_total(r) - before[r] == sent[r], r
+    ch = await bus.conn.channel()
+    dead = await ch.declare_queue(bus.topo.dead_queue, passive=True)
+    assert dead.declaration_result.message_count == 1000
+    await ch.close()
+
+
+async def test_warm_join_holds_sessions_published_before_it_started(
+    bus: Bus, session_der: DerFactory,
+) -> None:
+    box = bus.outbox("node-a")
+    ids = [os.urandom(32) for _ in range(500)]
+    for sid in ids:
+        box.put_new(sid, TEST_SID_CTX, time.time() + 600, session_der(session_id=sid))
+    assert await box.flush(30)
+    late = await bus.replica("node-late")
+    assert await wait_until(lambda: len(late.cache) >= 500, timeout=30)
+    assert all(sid in late.cache for sid in ids)
+    await asyncio.wait_for(late.caught_up.wait(), 10)
