@@ -46,7 +46,7 @@ _DROP_ORDER: dict[EventType, tuple[EventType, ...]] = {
 class OutboxSettings:
     capacity: int = 100_000
     batch_max: int = 256
-    linger: float = 0.002  # seconds a partial batch waits for company
+    linger: float = 0.002  # seconds a partial batch waits for company while one is in flight
     in_flight: int = 8  # batches awaiting confirms at once
     publish_timeout: float = 10.0
 
@@ -237,7 +237,9 @@ class Outbox:
                     await asyncio.sleep(0.5)
                     continue
                 failed.clear()
-            if self._depth < self._s.batch_max:
+            if self._depth < self._s.batch_max and self._in_flight:
+                # Nagle-like: while a batch is on its way, let the next one fill a little;
+                # with nothing in flight, send at once (low latency at low rates).
                 await asyncio.sleep(self._s.linger)
             await slots.acquire()
             taken = self._take()
