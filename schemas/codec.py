@@ -128,7 +128,14 @@ def _open(
         origin = origin.decode("utf-8", "replace")
     if not isinstance(type_, str) or not isinstance(origin, str):
         raise EnvelopeError(Reason.FIELD, "type or origin header missing")
-    plain = keys.open(body, _aad(version, type_, origin))
+    try:
+        plain = keys.open(body, _aad(version, type_, origin))
+    except EnvelopeError as exc:
+        # A sealed body (key id | nonce | ciphertext) is random-looking bytes; one that is a whole
+        # msgpack payload was never sealed: forged, not merely sealed under a key we lack.
+        if exc.reason is Reason.UNKNOWN_KEY and _is_plain_payload(body):
+            raise EnvelopeError(Reason.FORGED, "not sealed") from None
+        raise
     # Authentic from here on: what follows catches bugs of key holders, not attackers.
     try:
         payload = msgpack.unpackb(plain, raw=False, strict_map_key=True)
@@ -139,6 +146,15 @@ def _open(
     if not valid_node_id(origin):
         raise EnvelopeError(Reason.FIELD, "origin is not a node id")
     return version, type_, origin, payload
+
+
+def _is_plain_payload(body: bytes) -> bool:
+    """Whether ``body`` is a whole msgpack ``[time, ...]`` payload, i.e. one never sealed."""
+    try:
+        doc = msgpack.unpackb(body, raw=True, strict_map_key=False)
+    except Exception:
+        return False
+    return isinstance(doc, list) and len(doc) == 2
 
 
 def _num(v: Any) -> bool:
@@ -283,7 +299,7 @@ def decode_key_ring(
         )
         if type(seq) is not int or not _num(issued_at):
             raise ValueError
-    except (TypeError, ValueError, IndexError):
+    except (TypeError, ValueError, IndexError, KeyError):
         # never chain: the original exception could quote key bytes
         raise EnvelopeError(Reason.FIELD, "key ring fields") from None
     return KeyRing(seq=seq, issued_at=float(issued_at), keys=ring_keys)
