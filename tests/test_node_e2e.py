@@ -47,6 +47,7 @@ class Farm:
         env = self.env()
         if amqp_url:
             env["SESSIONBUS_AMQP_URL"] = amqp_url
+        self.nodes.append(node_id)  # before waiting: a node that fails still gets cleaned up
         p = self.procs.start(
             ["node", "--node-id", node_id, "--listen", f"127.0.0.1:{port}", "--cert",
              str(self.cert), "--key", str(self.key), *extra], env,
@@ -54,7 +55,6 @@ class Farm:
         p.wait_for("listening on")
         if amqp_url is None:
             p.wait_for("is warm")
-        self.nodes.append(node_id)
         return p, port
 
     def revoke(self, session_id: bytes) -> subprocess.CompletedProcess[str]:
