@@ -41,6 +41,11 @@ TICKET_DECRYPTIONS = Counter(
 )
 KEY_ROTATIONS = Counter("sessionbus_key_rotations_total", "Ticket key rotations published")
 KEY_LEADER = Gauge("sessionbus_key_leader", "1 while this key publisher is the one rotating")
+KEY_RINGS_PUBLISHED = Counter(
+    "sessionbus_key_rings_published_total",
+    "Ticket key rings the leader published: on a change, or the unchanged ring again",
+    ["reason"],
+)
 
 CACHE_REQUESTS = Counter(
     "sessionbus_cache_requests_total", "Cache front requests, by command and result",
@@ -64,3 +69,5 @@ for _r in ("current", "renewed", "unknown"):
     TICKET_DECRYPTIONS.labels(_r)
 for _r in ("timeout", "nack", "connection"):
     PUBLISH_FAILURES.labels(_r)
+for _r in ("change", "refresh"):
+    KEY_RINGS_PUBLISHED.labels(_r)
