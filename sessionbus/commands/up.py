@@ -93,10 +93,11 @@ def main(args: argparse.Namespace) -> int:
             print("  " + line)
         a, b = ports[0], ports[min(1, len(ports) - 1)]
         print("\nwatch a session made on one node resume on another:")
-        print(f"  openssl s_client -connect 127.0.0.1:{a} -sess_out /tmp/sb.sess </dev/null "
-              "| grep -E '^(New|Reused),'")
-        print(f"  openssl s_client -connect 127.0.0.1:{b} -sess_in /tmp/sb.sess </dev/null "
-              "| grep -E '^(New|Reused),'")
+        # -ign_eof with a request: a TLS 1.3 ticket arrives after the handshake, and s_client
+        # must still be reading when it does or -sess_out saves a session without it.
+        req = "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | openssl s_client -ign_eof -connect"
+        print(f"  {req} 127.0.0.1:{a} -sess_out /tmp/sb.sess 2>&1 | grep -E '^(New|Reused),|^node'")
+        print(f"  {req} 127.0.0.1:{b} -sess_in /tmp/sb.sess 2>&1 | grep -E '^(New|Reused),|^node'")
         print("\nCtrl-C stops the farm.", flush=True)
         while not stopping:
             gone = farm.poll()
