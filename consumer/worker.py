@@ -6,6 +6,7 @@ import asyncio
 import importlib
 import logging
 import time
+import uuid
 from collections.abc import Mapping
 from functools import partial
 from typing import Any
@@ -70,7 +71,10 @@ class ConsumerRunner:
     async def _declare(self, channel: AbstractChannel) -> AbstractQueue:
         c = self.consumer
         if c.source is Source.EXCLUSIVE:
-            queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+            # Named under the consumer prefix (permissions match it) and unique per process.
+            queue = await channel.declare_queue(
+                self._topo.consumer_queue(f"{c.name}.{uuid.uuid4().hex[:12]}"), exclusive=True
+            )
         else:
             queue = await channel.declare_queue(self._topo.consumer_queue(c.name), durable=True)
         for key in binding_keys(c.types, c.origins):

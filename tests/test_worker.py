@@ -165,3 +165,27 @@ async def test_example_counts_resumptions_per_origin() -> None:
     await example_consumer.handler(get(False, "node-b", None))
     assert value("node-a", "cross") - before[0] == 2
     assert value("node-a", "local") - before[1] == 1
+
+
+@pytest.mark.broker
+def test_events_prints_json_lines_without_session_bytes(env: dict[str, str]) -> None:
+    procs = Processes()
+    try:
+        ev = procs.start(["events", "--type", "new,remove"], env)
+        ev.wait_for("subscribed")  # its temporary queue is bound
+        sent = publish_lifecycles(env, 5)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            lines = [ln for ln in ev.lines if ln.startswith("{")]
+            if len(lines) >= 10:
+                break
+            time.sleep(0.1)
+    finally:
+        procs.stop_all()
+    events = [json.loads(ln) for ln in lines]
+    assert sorted((e["type"], e["session_id"]) for e in events) == sorted(
+        (t, sid) for t, sid, _ in sent if t in ("new", "remove"))
+    new = next(e for e in events if e["type"] == "new")
+    assert new["session_bytes"] > 0 and new["origin"] == "node-a"
+    assert not any(k in new for k in ("der", "session")), new
+    assert all(len(ln) < 400 for ln in lines)  # no session bytes in any form

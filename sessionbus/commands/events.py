@@ -55,6 +55,8 @@ def main(args: argparse.Namespace) -> int:
         await channel.close()
         worker = Worker(conn, common.topology, keys, [printer(types, origins)])
         await worker.start()
+        # stdout carries only JSON lines; readiness goes to stderr
+        print("sessionbus events: subscribed", file=sys.stderr, flush=True)
         await stop.wait()
         await worker.stop(5)
         await conn.close()
