@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,6 +27,7 @@ from tests.farm_support import (
     s_client,
     unique_prefix,
 )
+from tests.tcp_proxy import TcpProxy
 
 pytestmark = [pytest.mark.broker, pytest.mark.tls]
 
@@ -148,3 +151,45 @@ def test_other_service_never_resumes(farm: Farm) -> None:
     time.sleep(1.0)  # give replication every chance
     for _ in range(5):
         assert not handshake(px, ctx, session=first.session).reused
+
+
+class ThreadedProxy:
+    """tests.tcp_proxy.TcpProxy on an event loop of its own, driven from a sync test."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.proxy = TcpProxy("127.0.0.1", 5672)
+        self.call(self.proxy.start())
+
+    def call(self, coro: object) -> object:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(30)  # type: ignore[arg-type]
+
+    def close(self) -> None:
+        self.call(self.proxy.stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+def test_node_serves_without_broker_and_catches_up_after(farm: Farm) -> None:
+    proxy = ThreadedProxy()
+    try:
+        pa_proc, pa = farm.node("node-a", amqp_url=proxy.proxy.url())
+        pa_proc.wait_for("is warm")
+        _, pb = farm.node("node-b")
+        assert proxy.call(proxy.proxy.pause()) >= 1  # node-a's broker connection is gone
+        ctx = client_context("1.2")
+        made = []
+        for _ in range(5):  # full handshakes complete with no broker
+            h = handshake(pa, ctx)
+            assert h.body.endswith(b"node node-a\n") and h.session is not None
+            made.append(h.session)
+        assert handshake(pa, ctx, session=made[0]).reused  # local resumption still works
+        assert not handshake(pb, ctx, session=made[1]).reused  # node-b cannot know them yet
+        proxy.call(proxy.proxy.resume())
+        # the outbox kept them: once node-a reconnects they reach node-b with no restart
+        for session in made[1:]:
+            assert resumed_on(pb, "1.2", session, attempts=150)
+    finally:
+        proxy.close()
