@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from aio_pika.abc import AbstractRobustConnection
+from aio_pika.exceptions import ChannelNotFoundEntity
 
 from consumer import metrics
 from consumer.subscription import StreamSource, Subscription
@@ -47,16 +48,37 @@ class KeyFollower:
             self._handle, prefetch=16,
         )
         self._age_task: asyncio.Task[None] | None = None
+        self._wait_task: asyncio.Task[None] | None = None
+        self._stream = topology.key_stream
 
     async def start(self) -> None:
-        await self._sub.start()
+        """Subscribe; if the key stream does not exist yet (no key publisher has run), keep
+        waiting for it in the background: only the key publisher declares it."""
+        try:
+            await self._sub.start()
+        except ChannelNotFoundEntity:
+            log.info("no key stream %s yet: waiting for a key publisher", self._stream)
+            self._wait_task = asyncio.get_running_loop().create_task(self._subscribe_later())
         self._age_task = asyncio.get_running_loop().create_task(self._report_age())
 
+    async def _subscribe_later(self) -> None:
+        delay = 0.5
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                await self._sub.start()
+            except ChannelNotFoundEntity:
+                delay = min(delay * 2, 5.0)
+                continue
+            log.info("key stream %s found: following it", self._stream)
+            return
+
     async def stop(self) -> None:
-        if self._age_task is not None:
-            self._age_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._age_task
+        for task in (self._wait_task, self._age_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self._sub.stop(5)
 
     async def wait(self, timeout: float) -> KeyRing | None:

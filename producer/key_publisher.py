@@ -44,7 +44,7 @@ from schemas.broker import BrokerSettings, connect, tls_context
 from schemas.codec import CONTENT_TYPE, encode_key_ring
 from schemas.sealing import BusKeys
 from schemas.ticket_keys import KeyRing
-from schemas.topology import Topology, declare_core, key_routing_key
+from schemas.topology import Topology, declare_core, declare_keys, key_routing_key
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +152,7 @@ class KeyPublisher:
         channel = await self._connection.channel()
         try:
             await declare_core(channel, self._topo)
+            await declare_keys(channel, self._topo)
         finally:
             await channel.close()
 
@@ -210,8 +211,7 @@ class KeyPublisher:
         metrics.KEY_LEADER.set(1)
         log.info("key publisher %s: leading (holds %s)", self.s.publisher_id,
                  self._topo.keys_lock_queue)
-        await declare_core(channel, self._topo)
-        exchange = await channel.get_exchange(self._topo.keys_exchange, ensure=False)
+        exchange = await declare_keys(channel, self._topo)
 
         async def publish(ring: KeyRing, reason: str) -> None:
             if conn.is_closed or lost.is_set():

@@ -89,15 +89,14 @@ STREAM_ARGS: dict[str, Any] = {"x-queue-type": "stream"}
 
 
 async def declare_core(channel: AbstractChannel, topo: Topology) -> AbstractExchange:
-    """Declare exchanges, the session and key streams and the dead-letter queue. Idempotent.
+    """Declare the session exchange and stream, and the dead-letter exchange and queue.
 
-    Returns the sessions exchange.
+    Idempotent; every role runs it.  Returns the sessions exchange.  The key exchange and key
+    stream are the key publisher's alone (``declare_keys``): a role that could declare them
+    could also bind the key stream to an exchange it may write, and inject a key ring.
     """
     sessions = await channel.declare_exchange(
         topo.sessions_exchange, aio_pika.ExchangeType.TOPIC, durable=True
-    )
-    keys = await channel.declare_exchange(
-        topo.keys_exchange, aio_pika.ExchangeType.TOPIC, durable=True
     )
     dlx = await channel.declare_exchange(topo.dlx, aio_pika.ExchangeType.FANOUT, durable=True)
     dead = await channel.declare_queue(
@@ -117,6 +116,17 @@ async def declare_core(channel: AbstractChannel, topo: Topology) -> AbstractExch
     )
     for t in REPLICATED_TYPES:
         await stream.bind(sessions, routing_key=f"session.{t.value}.*")
+    return sessions
+
+
+async def declare_keys(channel: AbstractChannel, topo: Topology) -> AbstractExchange:
+    """Declare the key exchange and the key stream (the key publisher's). Returns the exchange.
+
+    Followers (nodes, keyfile) only look the stream up, and wait until it exists.
+    """
+    keys = await channel.declare_exchange(
+        topo.keys_exchange, aio_pika.ExchangeType.TOPIC, durable=True
+    )
     key_stream = await channel.declare_queue(
         topo.key_stream,
         durable=True,
@@ -127,7 +137,7 @@ async def declare_core(channel: AbstractChannel, topo: Topology) -> AbstractExch
         },
     )
     await key_stream.bind(keys, routing_key="keys.*")
-    return sessions
+    return keys
 
 
 async def declare_replica_queue(

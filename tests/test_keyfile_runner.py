@@ -40,7 +40,7 @@ from consumer.keyfile_formats import ATS_FILE, HAPROXY_FILE, KeyFileFormat, rend
 from schemas.codec import CONTENT_TYPE, encode_key_ring
 from schemas.sealing import BusKeys, load_bus_keys, write_new_key_file
 from schemas.ticket_keys import KeyRing, TicketKey
-from schemas.topology import Topology, declare_core, key_routing_key
+from schemas.topology import Topology, declare_core, declare_keys, key_routing_key
 from tests.farm_support import AMQP_URL, Processes, delete_topology, free_port
 
 pytestmark = [pytest.mark.broker]
@@ -67,7 +67,7 @@ async def publish(
     channel = await connection.channel(publisher_confirms=True)
     try:
         await declare_core(channel, topo)
-        exchange = await channel.get_exchange(topo.keys_exchange)
+        exchange = await declare_keys(channel, topo)
         body, headers = encode_key_ring(ring, PUBLISHER, keys)
         await exchange.publish(
             aio_pika.Message(body, headers=headers, content_type=CONTENT_TYPE,

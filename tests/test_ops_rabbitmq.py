@@ -29,7 +29,7 @@ import pytest
 from aiormq.exceptions import ChannelAccessRefused, ChannelLockedResource
 from yarl import URL
 
-from schemas.topology import Topology, declare_core, declare_replica_queue
+from schemas.topology import Topology, declare_core, declare_keys, declare_replica_queue
 
 REPO = Path(__file__).resolve().parent.parent
 DEFINITIONS = REPO / "ops" / "rabbitmq" / "definitions.json"
@@ -40,6 +40,8 @@ _BROKER = URL(os.environ.get("SESSIONBUS_TEST_AMQP_URL", "amqp://guest:guest@127
 AMQP_HOST = f"{_BROKER.host}:{_BROKER.port or 5672}"
 TOPO = Topology()
 NODES = ("node-1", "node-2", "node-3")
+# what declare_core declares: every role may redeclare these
+CORE_NAMES = (TOPO.sessions_exchange, TOPO.dlx, TOPO.dead_queue, TOPO.session_stream)
 
 
 def load_definitions() -> dict[str, Any]:
@@ -72,8 +74,11 @@ def test_one_user_per_role_and_only_the_key_publisher_writes_keys() -> None:
         for other in others:
             assert not re.fullmatch(p["configure"], TOPO.replica_queue(other))
             assert not re.fullmatch(p["read"], TOPO.replica_queue(other))
-        for name in [*TOPO.all_names()[0], *TOPO.all_names()[1]]:
+        for name in CORE_NAMES:
             assert re.fullmatch(p["configure"], name), name  # declare_core redeclares them
+        for name in (TOPO.keys_exchange, TOPO.key_stream):  # the key publisher's alone
+            assert not re.fullmatch(p["configure"], name), name
+            assert not re.fullmatch(p["write"], name), name
     mon = perms["sessionbus-monitoring"]
     assert (mon["configure"], mon["write"], mon["read"]) == ("", "", "")
     topic = {(t["user"], t["exchange"]): t for t in d["topic_permissions"]}
@@ -253,6 +258,10 @@ async def test_node_declares_its_topology_and_publishes_only_its_own_id(
     imported: Imported,
 ) -> None:
     me, other = imported.users["node-1"], imported.users["node-2"]
+    async with connected(imported, "sessionbus-keys") as conn:  # a key publisher ran before
+        channel = await conn.channel()
+        await declare_core(channel, TOPO)
+        await declare_keys(channel, TOPO)
     async with connected(imported, "node-1") as conn:
         # What a node does at start: the core topology on its outbox channel, its replica queue.
         channel = await conn.channel(publisher_confirms=True)
@@ -289,12 +298,6 @@ async def test_node_declares_its_topology_and_publishes_only_its_own_id(
 
 
 @pytest.mark.broker
-@pytest.mark.xfail(
-    strict=True, raises=pytest.fail.Exception,  # "DID NOT RAISE": the bind was allowed
-    reason="declare_core binds the key stream, so every role that runs it needs write on "
-    "sessionbus.keys.stream, which also lets it bind that stream to sessionbus.sessions; "
-    "see ops/rabbitmq/README.md",
-)
 async def test_node_cannot_route_session_messages_into_the_key_stream(
     imported: Imported,
 ) -> None:
@@ -312,6 +315,7 @@ async def test_key_publisher_takes_the_lock_and_alone_writes_keys(imported: Impo
     async with connected(imported, "sessionbus-keys") as conn:
         channel = await conn.channel()
         await declare_core(channel, TOPO)
+        await declare_keys(channel, TOPO)
         await channel.declare_queue(TOPO.keys_lock_queue, exclusive=True)
         await consume_once(conn, TOPO.key_stream, stream=True)  # it follows the ring too
         await confirmed_publish(conn, TOPO.keys_exchange, "keys.keys-1")

@@ -14,6 +14,7 @@ from schemas.events import EventType
 from schemas.topology import (
     Topology,
     declare_core,
+    declare_keys,
     declare_replica_queue,
     delete_all,
     key_routing_key,
@@ -33,6 +34,7 @@ async def declare_everything(
     try:
         for _ in range(2):  # twice: idempotent
             await declare_core(channel, topo)
+            await declare_keys(channel, topo)
             await declare_replica_queue(channel, topo, NODE)
     finally:
         await channel.close()
@@ -153,3 +155,17 @@ async def test_delete_all_removes_everything(connection: AbstractRobustConnectio
         assert not await exists(connection, "exchange", name), name
     for name in [*queues, *extra]:
         assert not await exists(connection, "queue", name), name
+
+
+async def test_only_the_key_publisher_declares_the_key_stream(
+    connection: AbstractRobustConnection, topology: Topology,
+) -> None:
+    channel = await connection.channel()
+    await declare_core(channel, topology)  # what nodes, workers and caches run
+    await channel.close()
+    assert not await exists(connection, "exchange", topology.keys_exchange)
+    assert not await exists(connection, "queue", topology.key_stream)
+    channel = await connection.channel()
+    await declare_keys(channel, topology)
+    await channel.close()
+    assert await exists(connection, "queue", topology.key_stream)
