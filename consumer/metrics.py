@@ -17,7 +17,7 @@ LAG_BUCKETS = (
     5.0, 10.0, 30.0, 60.0,
 )
 
-OUTCOMES = ("applied", "duplicate", "skipped", "rejected")
+OUTCOMES = ("applied", "skipped", "rejected")
 
 EVENTS_CONSUMED = Counter(
     "sessionbus_events_consumed_total", "Events received from the bus, by type and outcome",

@@ -47,6 +47,7 @@ class OutboxSettings:
     capacity: int = 100_000
     batch_max: int = 256
     linger: float = 0.002  # seconds a partial batch waits for company while one is in flight
+    get_linger: float = 0.25  # seconds GET events (statistics) may wait to travel together
     in_flight: int = 8  # batches awaiting confirms at once
     publish_timeout: float = 10.0
 
@@ -127,6 +128,17 @@ class Outbox:
         except TimeoutError:
             return False
         return True
+
+    def _hold_statistics(self) -> float:
+        """Seconds to keep GET events back so they travel in few messages (0: send now).
+
+        GETs are statistics: nobody waits for them, and one message per resumption would cost
+        a node more than the resumption saved.  NEW and REMOVE are never held."""
+        gets = self._queues[EventType.GET]
+        if not gets or len(gets) >= self._s.batch_max or self._depth != len(gets):
+            return 0.0
+        oldest: float = gets[0][1]
+        return max(0.0, oldest + self._s.get_linger - time.time())
 
     def _take(self) -> tuple[EventType, list[list[Any]]] | None:
         """The next batch: from the type whose oldest event is oldest, as many as may go.
@@ -237,6 +249,12 @@ class Outbox:
                     await asyncio.sleep(0.5)
                     continue
                 failed.clear()
+            hold = self._hold_statistics()
+            if hold > 0:
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), hold)
+                continue
             if self._depth < self._s.batch_max and self._in_flight:
                 # Nagle-like: while a batch is on its way, let the next one fill a little;
                 # with nothing in flight, send at once (low latency at low rates).
@@ -251,8 +269,7 @@ class Outbox:
             tasks.add(task)
             task.add_done_callback(tasks.discard)
             if failed.is_set():
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(asyncio.sleep(0.2)), 1)
+                await asyncio.sleep(0.2)  # the connection is going: let it go before retrying
 
     async def _open(self, connection: AbstractRobustConnection) -> AbstractExchange:
         if self._channel is not None:  # one publishing channel at a time

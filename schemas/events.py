@@ -17,7 +17,7 @@ SUPPORTED_VERSIONS = frozenset({SCHEMA_VERSION})
 # unescaped), so they are restricted to characters that mean nothing in a regex.
 NODE_ID_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,62})$")
 
-MAX_SESSION_ID = 64  # TLS 1.2 ids are <= 32 bytes; cache fronts may store longer opaque keys
+MAX_SESSION_ID = 250  # TLS ids are <= 32 bytes; cache fronts store opaque keys (memcached: 250)
 MAX_SID_CTX = 32  # SSL_MAX_SID_CTX_LENGTH
 
 

@@ -157,6 +157,8 @@ def handshake(
     revoke the session.
     """
     with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        # without it a resumed TLS 1.2 handshake waits ~40 ms for the server's delayed ACK
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         tls = ctx.wrap_socket(raw, server_hostname="localhost", session=session)
         body = b""
         if request:
