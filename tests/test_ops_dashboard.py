@@ -183,7 +183,8 @@ def test_every_exported_metric_is_documented() -> None:
     queried_as = {"counter": "_total", "gauge": "", "histogram": "", "summary": ""}
     # examples/ are user code (a test may have imported one): not the project's own exports
     exported = {f.name + queried_as.get(f.type, "") for f in REGISTRY.collect()
-                if f.name.startswith("sessionbus_") and not f.name.startswith("sessionbus_example_")}
+                if f.name.startswith("sessionbus_")
+                and not f.name.startswith("sessionbus_example_")}
     table = set(re.findall(r"^\| `(sessionbus_\w+)` \|", OPERATIONS.read_text(), re.MULTILINE))
     assert exported - table == set(), "exported but not in docs/operations.md's table"
     assert table - exported == set(), "in docs/operations.md's table but not exported"
