@@ -27,9 +27,7 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
-from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractRobustConnection
@@ -40,11 +38,11 @@ from consumer import metrics as cmetrics
 from consumer.key_follower import KeyFollower
 from producer import metrics
 from producer.key_ring import Timeline, added_keys, advance, describe
-from schemas.broker import BrokerSettings, connect, tls_context
+from schemas.broker import BrokerSettings, connect, retry, tls_context
 from schemas.codec import CONTENT_TYPE, encode_key_ring
 from schemas.sealing import BusKeys
 from schemas.ticket_keys import KeyRing
-from schemas.topology import Topology, declare_core, declare_keys, key_routing_key
+from schemas.topology import Topology, declare_core, declare_keys, declare_with, key_routing_key
 
 log = logging.getLogger(__name__)
 
@@ -137,24 +135,17 @@ class KeyPublisher:
     async def _follow(self) -> None:
         """Follow the key stream all the time (standby or leader): exports the ring size and
         newest-key age the farm sees, and holds the newest ring for a takeover."""
-        self._connection = await connect(
+        self._connection = conn = await connect(
             replace(self._broker, name=f"sessionbus keys {self.s.publisher_id}"),
             wait=False, on_state=cmetrics.broker_state,
         )
-        await self._connection.connected.wait()
-        await _retry(self._declare)
+        await conn.connected.wait()
+        await retry(
+            lambda: declare_with(conn, self._topo, declare_core, declare_keys), "declaring the bus"
+        )
         self._follower = KeyFollower(self._connection, self._topo, self._keys)
-        await _retry(self._follower.start)
+        await retry(self._follower.start, "following the key stream")
         self._bus_ready.set()
-
-    async def _declare(self) -> None:
-        assert self._connection is not None
-        channel = await self._connection.channel()
-        try:
-            await declare_core(channel, self._topo)
-            await declare_keys(channel, self._topo)
-        finally:
-            await channel.close()
 
     # --- the lock ---------------------------------------------------------------------------
 
@@ -316,15 +307,3 @@ async def _wait_any(a: asyncio.Event, b: asyncio.Event, timeout: float | None) -
     finally:
         for t in tasks:
             t.cancel()
-
-
-async def _retry(start: Callable[[], Awaitable[Any]]) -> None:
-    delay = 0.2
-    while True:
-        try:
-            await start()
-            return
-        except Exception as exc:
-            log.warning("key stream setup failed (%s); retrying", type(exc).__name__)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)

@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import logging
 import ssl
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from enum import StrEnum
 
@@ -26,9 +25,9 @@ from producer import metrics, openssl
 from producer.outbox import Outbox, OutboxSettings
 from producer.session_hooks import SessionHooks
 from producer.ticket_hooks import RingTicketKeys
-from schemas.broker import BrokerSettings, connect
+from schemas.broker import BrokerSettings, connect, retry
 from schemas.sealing import BusKeys
-from schemas.topology import Topology, declare_core
+from schemas.topology import Topology, declare_core, declare_with
 
 log = logging.getLogger(__name__)
 
@@ -137,8 +136,9 @@ class Node:
     async def _start_bus(self) -> None:
         """Everything that needs the broker, started whenever it is first reachable."""
         assert self.connection is not None
-        await self.connection.connected.wait()
-        await self._retry(self._declare)
+        conn = self.connection
+        await conn.connected.wait()
+        await retry(lambda: declare_with(conn, self._topo, declare_core), "declaring the bus")
         if self.outbox is not None:
             self._tasks.append(
                 asyncio.get_running_loop().create_task(self.outbox.run(self.connection))
@@ -147,7 +147,7 @@ class Node:
             self.key_follower = KeyFollower(
                 self.connection, self._topo, self._keys, on_ring=self.ticket_keys.update
             )
-            await self._retry(self.key_follower.start)
+            await retry(self.key_follower.start, "following the key stream")
         if self.settings.replication:
             self.replicator = Replicator(
                 self.connection, self._topo, self._keys, self.cache,
@@ -156,27 +156,8 @@ class Node:
                     session_lifetime=float(self.settings.session_timeout),
                 ),
             )
-            await self._retry(self.replicator.start)
+            await retry(self.replicator.start, "starting the replica")
         self._bus_ready.set()
-
-    async def _declare(self) -> None:
-        assert self.connection is not None
-        channel = await self.connection.channel()
-        try:
-            await declare_core(channel, self._topo)
-        finally:
-            await channel.close()
-
-    async def _retry(self, start: Callable[[], Awaitable[None]]) -> None:
-        delay = 0.2
-        while True:
-            try:
-                await start()
-                return
-            except Exception as exc:
-                log.warning("bus start failed (%s); retrying", type(exc).__name__)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
 
     async def wait_bus_ready(self, timeout: float) -> bool:
         with contextlib.suppress(TimeoutError):

@@ -7,7 +7,7 @@ import logging
 import random
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -124,4 +124,18 @@ async def connect(
     return conn
 
 
-__all__ = ["DEFAULT_URL", "BrokerSettings", "JitteredConnection", "aio_pika", "connect"]
+async def retry(op: Callable[[], Awaitable[object]], what: str) -> None:
+    """Run ``op`` until it succeeds, backing off from 0.2 s to 5 s: set-up on the bus (declares,
+    subscriptions) that must outlast a broker restart or a key stream not created yet."""
+    delay = 0.2
+    while True:
+        try:
+            await op()
+            return
+        except Exception as exc:
+            log.warning("%s failed (%s); retrying in %.1f s", what, type(exc).__name__, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+__all__ = ["DEFAULT_URL", "BrokerSettings", "JitteredConnection", "aio_pika", "connect", "retry"]

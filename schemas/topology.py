@@ -8,11 +8,12 @@ what a queue cannot exist without, or a safety net that a policy may tighten.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import aio_pika
-from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange, AbstractQueue
 
 from schemas.events import EventType
 
@@ -138,6 +139,20 @@ async def declare_keys(channel: AbstractChannel, topo: Topology) -> AbstractExch
     )
     await key_stream.bind(keys, routing_key="keys.*")
     return keys
+
+
+async def declare_with(
+    connection: AbstractConnection,
+    topo: Topology,
+    *declarers: Callable[[AbstractChannel, Topology], Awaitable[object]],
+) -> None:
+    """Run declarers (``declare_core``, ``declare_keys``) on a channel of their own."""
+    channel = await connection.channel()
+    try:
+        for declare in declarers:
+            await declare(channel, topo)
+    finally:
+        await channel.close()
 
 
 async def declare_replica_queue(
