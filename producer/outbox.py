@@ -33,6 +33,7 @@ from schemas.topology import Topology, declare_core, session_routing_key
 log = logging.getLogger(__name__)
 
 _PRIORITY = (EventType.NEW, EventType.REMOVE, EventType.GET)
+_ROW_OVERHEAD = 128  # msgpack framing, id, sid_ctx, times of one row, generously
 # What a full outbox drops to make room for an incoming event of each type (oldest first); an
 # incoming GET never displaces anything.
 _DROP_ORDER: dict[EventType, tuple[EventType, ...]] = {
@@ -48,6 +49,8 @@ class OutboxSettings:
     batch_max: int = 256
     linger: float = 0.002  # seconds a partial batch waits for company while one is in flight
     get_linger: float = 0.25  # seconds GET events (statistics) may wait to travel together
+    # Session bytes per message, well under receivers' limit (schemas.codec.Limits, 1 MiB).
+    batch_bytes: int = 512 * 1024
     in_flight: int = 8  # batches awaiting confirms at once
     publish_timeout: float = 10.0
 
@@ -155,6 +158,15 @@ class Outbox:
         q = self._queues[type_]
         n = min(len(q), self._s.batch_max)
         candidate = list(itertools.islice(q, n))
+        if type_ is EventType.NEW:
+            # Bound the message by bytes too: receivers refuse messages over their limit, and
+            # sessions with client certificates can be a few KB each.
+            size = 0
+            for i, row in enumerate(candidate):
+                size += len(row[5]) + _ROW_OVERHEAD
+                if size > self._s.batch_bytes and i:
+                    candidate = candidate[:i]
+                    break
         last_seq = candidate[-1][0]
         older: dict[bytes, int] = {}
         for t, other in self._queues.items():

@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 from prometheus_client import REGISTRY
 
 from producer.outbox import Outbox, OutboxSettings
+from schemas.codec import DEFAULT_LIMITS, decode_batch, encode_rows
 from schemas.events import EventType, RemoveReason
 from schemas.sealing import BusKeys, new_key
 from schemas.topology import Topology
@@ -74,3 +75,19 @@ def test_batches_keep_every_sessions_order(events: list[tuple[EventType, int]],
         by_session.setdefault(sid, []).append(seq)  # type: ignore[arg-type]
     for seqs in by_session.values():
         assert seqs == sorted(seqs)
+
+
+def test_new_batches_are_bounded_by_bytes_as_well() -> None:
+    """Large sessions (client certificate chains) must not add up past receivers' limit."""
+
+
+    box = Outbox("node-a", Topology(), KEYS, OutboxSettings(batch_bytes=64 * 1024))
+    for i in range(40):
+        box.put_new(bytes([i]) * 32, b"ctx", 1e10, b"x" * 15_000, opaque=True)
+    batches = drain(box)
+    assert sum(len(rows) for _, rows in batches) == 40
+    for _, rows in batches:
+        assert sum(len(r[5]) for r in rows) <= 64 * 1024
+        body, headers = encode_rows(EventType.NEW, "node-a", rows, KEYS)
+        assert len(body) <= DEFAULT_LIMITS.max_message_bytes
+        assert len(decode_batch(body, headers, KEYS).events) == len(rows)

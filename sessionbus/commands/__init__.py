@@ -4,6 +4,6 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from sessionbus.commands import bus_key, events, keyfile, keys, node, revoke, up, worker
+from sessionbus.commands import bus_key, cache, events, keyfile, keys, node, revoke, up, worker
 
-COMMANDS: list[ModuleType] = [up, node, keys, keyfile, worker, events, revoke, bus_key]
+COMMANDS: list[ModuleType] = [up, node, cache, keys, keyfile, worker, events, revoke, bus_key]

@@ -1,0 +1,192 @@
+"""``sessionbus cache``: a session store that speaks memcached and Redis, backed by a replica.
+
+A farm of servers that keep TLS sessions in memcached or Redis (Apache httpd's ``SSLSessionCache
+memcache:``/``redis:``) joins the sessionbus farm by pointing each server at a local cache front:
+sessions a server stores go into the front's replica and out as NEW events; lookups are answered
+from the replica, which the embedded replicator fills with every peer's sessions (after a warm-join
+replay of the last session lifetime); deletes travel as REMOVE, and ``sessionbus revoke`` reaches
+these sessions like any other.
+
+The broker is never on a request's path: the listeners start before the broker is reached and
+answer from memory whether it is up or not; what changed meanwhile waits in the outbox.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, replace
+
+from aio_pika.abc import AbstractRobustConnection
+
+from consumer import metrics as cmetrics
+from consumer.peer_cache import PeerCache
+from consumer.replicator import Replicator, ReplicatorSettings
+from producer.cache_connection import CacheConnection, Connections, FrontLimits, precreate
+from producer.cache_store import Store
+from producer.memcache_protocol import MemcacheConnection
+from producer.outbox import Outbox, OutboxSettings
+from producer.redis_protocol import RedisConnection
+from schemas.broker import BrokerSettings, connect, retry
+from schemas.sealing import BusKeys
+from schemas.topology import Topology, declare_core, declare_with
+
+log = logging.getLogger(__name__)
+
+# How long a partial batch waits for company while another is in flight (with none in flight,
+# events go at once). Each published message costs the cache (seal, publish, confirm) and every
+# receiver about a millisecond of CPU here, on the machine that runs httpd: under load, a node's
+# 2 ms sends nearly one message per event; 50 ms lets dozens share one, for at most 50 ms more
+# replication delay. GET events (statistics) wait up to OutboxSettings.get_linger (250 ms).
+DEFAULT_LINGER = 0.05
+CACHE_OUTBOX = OutboxSettings(linger=DEFAULT_LINGER)  # batches are bounded by bytes too
+
+
+@dataclass(frozen=True, slots=True)
+class CacheSettings:
+    node_id: str
+    memcache: tuple[str, int] | None = None
+    redis: tuple[str, int] | None = None
+    # At least the servers' own session lifetime (httpd's SSLSessionCacheTimeout): it caps every
+    # entry's expiry and is how far back a cache that starts replays the farm's sessions.
+    session_timeout: int = 7200
+    replication: bool = True
+    limits: FrontLimits = FrontLimits()  # noqa: RUF009 - frozen
+    outbox: OutboxSettings = CACHE_OUTBOX
+    max_replica_entries: int = 1_000_000
+    max_replica_bytes: int = 512 * 2**20
+
+
+class CacheFront:
+    def __init__(
+        self,
+        settings: CacheSettings,
+        broker: BrokerSettings,
+        keys: BusKeys,
+        topology: Topology,
+    ) -> None:
+        if settings.memcache is None and settings.redis is None:
+            raise ValueError("a cache front needs a memcache or a redis listener")
+        self.settings = settings
+        self._broker = broker
+        self._keys = keys
+        self._topo = topology
+        self.cache = PeerCache(
+            max_entries=settings.max_replica_entries, max_bytes=settings.max_replica_bytes
+        )
+        self.outbox = (
+            Outbox(settings.node_id, topology, keys, settings.outbox)
+            if settings.replication else None
+        )
+        self.store = Store(
+            settings.node_id, self.cache, self.outbox,
+            session_lifetime=float(settings.session_timeout),
+            max_value=settings.limits.max_value,
+        )
+        self.connections = Connections(settings.limits)
+        self.connection: AbstractRobustConnection | None = None
+        self.replicator: Replicator | None = None
+        self._servers: dict[str, asyncio.Server] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._bus_ready = asyncio.Event()
+
+    def address(self, protocol: str) -> tuple[str, int]:
+        """Where the ``memcache`` or ``redis`` listener listens (after ``start``)."""
+        host, port = self._servers[protocol].sockets[0].getsockname()[:2]
+        return host, port
+
+    @property
+    def protocols(self) -> list[str]:
+        return list(self._servers)
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self.settings.replication:
+            self.connection = await connect(
+                replace(self._broker, name=f"sessionbus cache {self.settings.node_id}"),
+                wait=False, on_state=cmetrics.broker_state,
+            )
+            self._tasks.append(loop.create_task(self._start_bus()))
+        listeners: list[tuple[str, tuple[str, int] | None, type[CacheConnection]]] = [
+            ("memcache", self.settings.memcache, MemcacheConnection),
+            ("redis", self.settings.redis, RedisConnection),
+        ]
+        try:
+            for name, addr, proto in listeners:
+                if addr is None:
+                    continue
+                precreate(name)
+                self._servers[name] = await loop.create_server(
+                    lambda proto=proto: proto(self.store, self.connections),  # type: ignore[misc]
+                    addr[0], addr[1], reuse_address=True, backlog=1024,
+                )
+                log.info("cache %s: %s on %s:%d", self.settings.node_id, name,
+                         *self.address(name))
+        except OSError:
+            await self.stop(0.5)
+            raise
+        self._tasks.append(loop.create_task(self._housekeeping()))
+
+    async def _start_bus(self) -> None:
+        """Everything that needs the broker, started whenever it is first reachable."""
+        assert self.connection is not None
+        conn = self.connection
+        await conn.connected.wait()
+        await retry(lambda: declare_with(conn, self._topo, declare_core), "declaring the bus")
+        if self.outbox is not None:
+            self._tasks.append(
+                asyncio.get_running_loop().create_task(self.outbox.run(self.connection))
+            )
+        replicator = Replicator(
+            self.connection, self._topo, self._keys, self.cache,
+            ReplicatorSettings(
+                node_id=self.settings.node_id, sid_ctx=None,
+                session_lifetime=float(self.settings.session_timeout),
+            ),
+        )
+        await retry(replicator.start, "starting the replica")
+        self.replicator = replicator
+        self._bus_ready.set()
+
+    async def wait_bus_ready(self, timeout: float) -> bool:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._bus_ready.wait(), timeout)
+        return self._bus_ready.is_set()
+
+    async def _housekeeping(self) -> None:
+        """Close idle connections; until the replicator runs (it sweeps), sweep the replica."""
+        every = max(0.05, min(self.settings.limits.idle_timeout / 4, 5.0))
+        while True:
+            await asyncio.sleep(every)
+            self.connections.sweep_idle(time.monotonic())
+            if self.replicator is None:
+                self.cache.sweep()
+                cmetrics.REPLICA_SESSIONS.set(len(self.cache))
+                cmetrics.REPLICA_BYTES.set(self.cache.bytes_used)
+
+    async def stop(self, drain_timeout: float = 5.0) -> None:
+        for server in self._servers.values():
+            server.close()
+        self.connections.close_all()
+        for server in self._servers.values():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(server.wait_closed(), drain_timeout)
+        if (
+            self.outbox is not None
+            and self.connection is not None
+            and self.connection.connected.is_set()
+            and not await self.outbox.flush(drain_timeout)
+        ):
+            log.warning("%d events not published at shutdown", self.outbox.depth)
+        if self.replicator is not None:
+            await self.replicator.stop(drain_timeout)
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        if self.connection is not None:
+            with contextlib.suppress(Exception):
+                await self.connection.close()
