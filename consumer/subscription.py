@@ -25,6 +25,7 @@ from datetime import datetime
 from typing import Any, Generic, TypeVar
 
 import aio_pika
+import aiormq.exceptions
 from aio_pika.abc import (
     AbstractChannel,
     AbstractIncomingMessage,
@@ -207,7 +208,11 @@ class Subscription(Generic[T]):
                     self.idle.set()
 
     async def _handle(self, message: AbstractIncomingMessage) -> None:
-        if message.channel.is_closed:
+        try:
+            closed = message.channel.is_closed  # aio-pika raises once that channel is closed
+        except aiormq.exceptions.ChannelInvalidStateError:
+            closed = True
+        if closed:
             return  # from a channel that is gone: the broker redelivers it (queue) or we resume
         offset = None
         if isinstance(self._source, StreamSource):
