@@ -17,21 +17,18 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass, replace
-
-from aio_pika.abc import AbstractRobustConnection
+from dataclasses import dataclass
 
 from consumer import metrics as cmetrics
-from consumer.peer_cache import PeerCache
-from consumer.replicator import Replicator, ReplicatorSettings
+from producer.bus_member import BusMember
 from producer.cache_connection import CacheConnection, Connections, FrontLimits, precreate
 from producer.cache_store import Store
 from producer.memcache_protocol import MemcacheConnection
-from producer.outbox import Outbox, OutboxSettings
+from producer.outbox import OutboxSettings
 from producer.redis_protocol import RedisConnection
-from schemas.broker import BrokerSettings, connect, retry
+from schemas.broker import BrokerSettings
 from schemas.sealing import BusKeys
-from schemas.topology import Topology, declare_core, declare_with
+from schemas.topology import Topology
 
 log = logging.getLogger(__name__)
 
@@ -73,24 +70,22 @@ class CacheFront:
         self._broker = broker
         self._keys = keys
         self._topo = topology
-        self.cache = PeerCache(
-            max_entries=settings.max_replica_entries, max_bytes=settings.max_replica_bytes
+        # sid_ctx None: a cache front keeps sessions of every context, and opaque values
+        self.bus = BusMember(
+            "cache", settings.node_id, topology, keys, broker,
+            replication=settings.replication, outbox=settings.outbox, sid_ctx=None,
+            session_lifetime=float(settings.session_timeout),
+            max_entries=settings.max_replica_entries, max_bytes=settings.max_replica_bytes,
         )
-        self.outbox = (
-            Outbox(settings.node_id, topology, keys, settings.outbox)
-            if settings.replication else None
-        )
+        self.cache, self.outbox = self.bus.cache, self.bus.outbox
         self.store = Store(
             settings.node_id, self.cache, self.outbox,
             session_lifetime=float(settings.session_timeout),
             max_value=settings.limits.max_value,
         )
         self.connections = Connections(settings.limits)
-        self.connection: AbstractRobustConnection | None = None
-        self.replicator: Replicator | None = None
         self._servers: dict[str, asyncio.Server] = {}
         self._tasks: list[asyncio.Task[None]] = []
-        self._bus_ready = asyncio.Event()
 
     def address(self, protocol: str) -> tuple[str, int]:
         """Where the ``memcache`` or ``redis`` listener listens (after ``start``)."""
@@ -104,11 +99,7 @@ class CacheFront:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         if self.settings.replication:
-            self.connection = await connect(
-                replace(self._broker, name=f"sessionbus cache {self.settings.node_id}"),
-                wait=False, on_state=cmetrics.broker_state,
-            )
-            self._tasks.append(loop.create_task(self._start_bus()))
+            await self.bus.connect()
         listeners: list[tuple[str, tuple[str, int] | None, type[CacheConnection]]] = [
             ("memcache", self.settings.memcache, MemcacheConnection),
             ("redis", self.settings.redis, RedisConnection),
@@ -129,31 +120,8 @@ class CacheFront:
             raise
         self._tasks.append(loop.create_task(self._housekeeping()))
 
-    async def _start_bus(self) -> None:
-        """Everything that needs the broker, started whenever it is first reachable."""
-        assert self.connection is not None
-        conn = self.connection
-        await conn.connected.wait()
-        await retry(lambda: declare_with(conn, self._topo, declare_core), "declaring the bus")
-        if self.outbox is not None:
-            self._tasks.append(
-                asyncio.get_running_loop().create_task(self.outbox.run(self.connection))
-            )
-        replicator = Replicator(
-            self.connection, self._topo, self._keys, self.cache,
-            ReplicatorSettings(
-                node_id=self.settings.node_id, sid_ctx=None,
-                session_lifetime=float(self.settings.session_timeout),
-            ),
-        )
-        await retry(replicator.start, "starting the replica")
-        self.replicator = replicator
-        self._bus_ready.set()
-
     async def wait_bus_ready(self, timeout: float) -> bool:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._bus_ready.wait(), timeout)
-        return self._bus_ready.is_set()
+        return await self.bus.wait_ready(timeout)
 
     async def _housekeeping(self) -> None:
         """Close idle connections; until the replicator runs (it sweeps), sweep the replica."""
@@ -161,7 +129,7 @@ class CacheFront:
         while True:
             await asyncio.sleep(every)
             self.connections.sweep_idle(time.monotonic())
-            if self.replicator is None:
+            if self.bus.replicator is None:
                 self.cache.sweep()
                 cmetrics.REPLICA_SESSIONS.set(len(self.cache))
                 cmetrics.REPLICA_BYTES.set(self.cache.bytes_used)
@@ -173,20 +141,10 @@ class CacheFront:
         for server in self._servers.values():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(server.wait_closed(), drain_timeout)
-        if (
-            self.outbox is not None
-            and self.connection is not None
-            and self.connection.connected.is_set()
-            and not await self.outbox.flush(drain_timeout)
-        ):
-            log.warning("%d events not published at shutdown", self.outbox.depth)
-        if self.replicator is not None:
-            await self.replicator.stop(drain_timeout)
+        await self.bus.flush_and_stop_replica(drain_timeout)
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
-        if self.connection is not None:
-            with contextlib.suppress(Exception):
-                await self.connection.close()
+        await self.bus.close()

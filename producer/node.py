@@ -12,22 +12,20 @@ import asyncio
 import contextlib
 import logging
 import ssl
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from enum import StrEnum
 
 from aio_pika.abc import AbstractRobustConnection
 
-from consumer import metrics as cmetrics
 from consumer.key_follower import KeyFollower
-from consumer.peer_cache import PeerCache
-from consumer.replicator import Replicator, ReplicatorSettings
 from producer import metrics, openssl
-from producer.outbox import Outbox, OutboxSettings
+from producer.bus_member import BusMember
+from producer.outbox import OutboxSettings
 from producer.session_hooks import SessionHooks
 from producer.ticket_hooks import RingTicketKeys
-from schemas.broker import BrokerSettings, connect, retry
+from schemas.broker import BrokerSettings, retry
 from schemas.sealing import BusKeys
-from schemas.topology import Topology, declare_core, declare_with
+from schemas.topology import Topology
 
 log = logging.getLogger(__name__)
 
@@ -87,13 +85,13 @@ class Node:
         self._broker = broker
         self._keys = keys
         self._topo = topology
-        self.cache = PeerCache(
-            max_entries=settings.max_replica_entries, max_bytes=settings.max_replica_bytes
+        self.bus = BusMember(
+            "node", settings.node_id, topology, keys, broker,
+            replication=settings.replication, outbox=settings.outbox, sid_ctx=settings.sid_ctx,
+            session_lifetime=float(settings.session_timeout),
+            max_entries=settings.max_replica_entries, max_bytes=settings.max_replica_bytes,
         )
-        self.outbox = (
-            Outbox(settings.node_id, topology, keys, settings.outbox)
-            if settings.replication else None
-        )
+        self.cache, self.outbox = self.bus.cache, self.bus.outbox
         self.hooks = SessionHooks(
             settings.node_id, settings.sid_ctx, self.cache, self.outbox,
             stateless_tickets=settings.tickets is TicketMode.STATELESS,
@@ -105,13 +103,9 @@ class Node:
         )
         if settings.tickets is TicketMode.STATELESS:
             openssl.install_ticket_keys(self.context, self.ticket_keys)
-        self.connection: AbstractRobustConnection | None = None
-        self.replicator: Replicator | None = None
         self.key_follower: KeyFollower | None = None
         self._server: asyncio.Server | None = None
-        self._tasks: list[asyncio.Task[None]] = []
         self._conns: set[asyncio.Task[None]] = set()
-        self._bus_ready = asyncio.Event()
 
     @property
     def address(self) -> tuple[str, int]:
@@ -120,49 +114,22 @@ class Node:
         return host, port
 
     async def start(self) -> None:
-        needs_bus = self.settings.replication or self.settings.tickets is TicketMode.STATELESS
-        if needs_bus:
-            self.connection = await connect(
-                replace(self._broker, name=f"sessionbus node {self.settings.node_id}"),
-                wait=False, on_state=cmetrics.broker_state,
-            )
-            self._tasks.append(asyncio.get_running_loop().create_task(self._start_bus()))
+        if self.settings.replication or self.settings.tickets is TicketMode.STATELESS:
+            stateless = self.settings.tickets is TicketMode.STATELESS
+            await self.bus.connect(self._follow_keys if stateless else None)
         self._server = await asyncio.start_server(
             self._serve, self.settings.host, self.settings.port, ssl=self.context,
             ssl_handshake_timeout=10, limit=_MAX_REQUEST_HEAD,
         )
         log.info("node %s listening on %s:%d", self.settings.node_id, *self.address)
 
-    async def _start_bus(self) -> None:
-        """Everything that needs the broker, started whenever it is first reachable."""
-        assert self.connection is not None
-        conn = self.connection
-        await conn.connected.wait()
-        await retry(lambda: declare_with(conn, self._topo, declare_core), "declaring the bus")
-        if self.outbox is not None:
-            self._tasks.append(
-                asyncio.get_running_loop().create_task(self.outbox.run(self.connection))
-            )
-        if self.settings.tickets is TicketMode.STATELESS:
-            self.key_follower = KeyFollower(
-                self.connection, self._topo, self._keys, on_ring=self.ticket_keys.update
-            )
-            await retry(self.key_follower.start, "following the key stream")
-        if self.settings.replication:
-            self.replicator = Replicator(
-                self.connection, self._topo, self._keys, self.cache,
-                ReplicatorSettings(
-                    node_id=self.settings.node_id, sid_ctx=self.settings.sid_ctx,
-                    session_lifetime=float(self.settings.session_timeout),
-                ),
-            )
-            await retry(self.replicator.start, "starting the replica")
-        self._bus_ready.set()
+    async def _follow_keys(self, conn: AbstractRobustConnection) -> None:
+        self.key_follower = KeyFollower(conn, self._topo, self._keys,
+                                        on_ring=self.ticket_keys.update)
+        await retry(self.key_follower.start, "following the key stream")
 
     async def wait_bus_ready(self, timeout: float) -> bool:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._bus_ready.wait(), timeout)
-        return self._bus_ready.is_set()
+        return await self.bus.wait_ready(timeout)
 
     async def stop(self, drain_timeout: float = 5.0) -> None:
         if self._server is not None:
@@ -171,24 +138,10 @@ class Node:
                 await asyncio.wait_for(self._server.wait_closed(), drain_timeout)
         for t in list(self._conns):
             t.cancel()
-        if (
-            self.outbox is not None
-            and self.connection is not None
-            and not await self.outbox.flush(drain_timeout)
-        ):
-            log.warning("%d events not published at shutdown", self.outbox.depth)
-        if self.replicator is not None:
-            await self.replicator.stop(drain_timeout)
+        await self.bus.flush_and_stop_replica(drain_timeout)
         if self.key_follower is not None:
             await self.key_follower.stop()
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
-        if self.connection is not None:
-            with contextlib.suppress(Exception):
-                await self.connection.close()
+        await self.bus.close()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()

@@ -119,8 +119,8 @@ async def test_with_the_broker_down_handshakes_go_on_and_the_outbox_stays_bounde
 
             # --- broker down: fill the outbox, then keep going ------------------------------
             await proxy.pause()  # connections cut, connects refused
-            assert node.connection is not None
-            conn = node.connection
+            assert node.bus.connection is not None
+            conn = node.bus.connection
             while conn.connected.is_set():
                 await asyncio.sleep(0.01)
             dropped0 = sample("sessionbus_events_dropped_total", {"type": "new"})
