@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from schemas.broker import BrokerSettings, connect
+from schemas.sealing import write_new_key_file
 from schemas.topology import Topology, delete_all
 
 AMQP_URL = os.environ.get("SESSIONBUS_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
@@ -111,6 +112,21 @@ class Processes:
     def stop_all(self) -> None:
         for p in reversed(self.procs):
             p.stop()
+
+
+def farm_files(directory: Path) -> tuple[Path, Path, Path]:
+    """A fresh bus key file and a self-signed certificate: (bus key, cert, key)."""
+    key_file = directory / "bus.key"
+    write_new_key_file(key_file)
+    return (key_file, *make_cert(directory))
+
+
+def revoke(env: dict[str, str], session_id: bytes) -> subprocess.CompletedProcess[str]:
+    """``sessionbus revoke`` of one session, as an operator runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "sessionbus", "revoke", "--session-id", session_id.hex()],
+        env={**os.environ, **env}, capture_output=True, text=True, timeout=30,
+    )
 
 
 def delete_topology(prefix: str, queues: list[str]) -> None:

@@ -10,11 +10,9 @@ revoke`` makes one resume nowhere; and a cache whose broker is unreachable still
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -26,16 +24,16 @@ from typing import TypeVar
 import pytest
 from yarl import URL
 
-from schemas.sealing import write_new_key_file
 from tests.farm_support import (
     AMQP_URL,
     Proc,
     Processes,
     client_context,
     delete_topology,
+    farm_files,
     free_port,
     handshake,
-    make_cert,
+    revoke,
     s_client,
     unique_prefix,
 )
@@ -91,17 +89,12 @@ class Farm:
                 self.httpd("r", f"redis:127.0.0.1:{rport}"))
 
     def revoke(self, session_id: bytes) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "sessionbus", "revoke", "--session-id", session_id.hex()],
-            env={**os.environ, **self.env()}, capture_output=True, text=True, timeout=30,
-        )
+        return revoke(self.env(), session_id)
 
 
 @pytest.fixture
 def farm(tmp_path: Path) -> Iterator[Farm]:
-    key_file = tmp_path / "bus.key"
-    write_new_key_file(key_file)
-    cert, key = make_cert(tmp_path)
+    key_file, cert, key = farm_files(tmp_path)
     f = Farm(tmp_path, unique_prefix(), key_file, cert, key)
     try:
         yield f

@@ -38,7 +38,7 @@ import pytest
 from consumer.subscription import StreamSource, Subscription
 from schemas.broker import BrokerSettings, connect
 from schemas.codec import decode_key_ring
-from schemas.sealing import BusKeys, load_bus_keys, write_new_key_file
+from schemas.sealing import BusKeys, load_bus_keys
 from schemas.ticket_keys import KeyRing, TicketKey
 from schemas.topology import Topology
 from tests.farm_support import (
@@ -47,6 +47,7 @@ from tests.farm_support import (
     Processes,
     client_context,
     delete_topology,
+    farm_files,
     free_port,
     handshake,
     make_cert,
@@ -344,9 +345,7 @@ class Farm:
 
 @pytest.fixture
 def farm(tmp_path: Path) -> Iterator[Farm]:
-    key_file = tmp_path / "bus.key"
-    write_new_key_file(key_file)
-    cert, key = make_cert(tmp_path)
+    key_file, cert, key = farm_files(tmp_path)
     f = Farm(tmp_path, unique_prefix(), key_file, cert, key)
     try:
         yield f

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -14,16 +12,16 @@ from pathlib import Path
 
 import pytest
 
-from schemas.sealing import write_new_key_file
 from tests.farm_support import (
     AMQP_URL,
     Proc,
     Processes,
     client_context,
     delete_topology,
+    farm_files,
     free_port,
     handshake,
-    make_cert,
+    revoke,
     s_client,
     unique_prefix,
 )
@@ -61,17 +59,12 @@ class Farm:
         return p, port
 
     def revoke(self, session_id: bytes) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "sessionbus", "revoke", "--session-id", session_id.hex()],
-            env={**os.environ, **self.env()}, capture_output=True, text=True, timeout=30,
-        )
+        return revoke(self.env(), session_id)
 
 
 @pytest.fixture
 def farm(tmp_path: Path) -> Iterator[Farm]:
-    key_file = tmp_path / "bus.key"
-    write_new_key_file(key_file)
-    cert, key = make_cert(tmp_path)
+    key_file, cert, key = farm_files(tmp_path)
     f = Farm(unique_prefix(), key_file, cert, key, Processes(), [])
     try:
         yield f
