@@ -104,12 +104,12 @@ async def test_amqps_verifies_the_broker_certificate(
     assert "***" in str(info.value)
 
 
+@pytest.mark.parametrize("tls_endpoint", [True], indirect=True, ids=["mutual-tls"])
 async def test_mutual_tls_without_a_client_certificate_fails(
     tls_endpoint: tuple[int, bool], pki: dict[str, Path],
 ) -> None:
     port, mutual = tls_endpoint
-    if not mutual:
-        pytest.skip("only meaningful where the endpoint asks for a client certificate")
+    assert mutual  # the endpoint asks for a client certificate
     s = BrokerSettings(url=f"amqps://guest:guest@localhost:{port}/", ca_file=str(pki["ca.pem"]))
     with pytest.raises(ConnectionError):
         await connect(s)
