@@ -17,6 +17,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from sessionbus.farm import self_signed
+
 REPO = Path(__file__).resolve().parent.parent
 AMQP_URL = os.environ.get(
     "SESSIONBUS_BENCH_AMQP_URL",
@@ -295,13 +297,5 @@ def bus_key_file(directory: Path) -> Iterator[Path]:
     yield path
 
 
-def make_cert(directory: Path) -> tuple[Path, Path]:
-    """A throwaway ECDSA P-256 certificate (what the node benchmark serves)."""
-    cert, key = directory / "cert.pem", directory / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-         "-nodes", "-days", "2", "-subj", "/CN=localhost", "-keyout", str(key), "-out",
-         str(cert)],
-        check=True, capture_output=True,
-    )
-    return cert, key
+# The project's own certificate maker (what `sessionbus up` uses): ECDSA P-256, CN=localhost.
+make_cert = self_signed

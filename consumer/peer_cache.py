@@ -200,6 +200,8 @@ class PeerCache:
 
     def get(self, session_id: bytes) -> CachedSession | None:
         """The session, or None. Never returns an expired session; a hit becomes most recent."""
+        # The probe loop of _find, inlined: this runs inside every resumed handshake and the
+        # call would add ~0.1 us to a ~2 us budget.
         n = len(session_id)
         index = self._index
         recs = self._recs

@@ -21,6 +21,7 @@ from pathlib import Path
 from schemas.broker import BrokerSettings, connect
 from schemas.sealing import write_new_key_file
 from schemas.topology import Topology, delete_all
+from sessionbus.farm import self_signed
 
 AMQP_URL = os.environ.get("SESSIONBUS_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 REPO = Path(__file__).resolve().parent.parent
@@ -207,15 +208,8 @@ def s_client(port: int, version: str, sess_out: Path | None = None,
     return out.stdout + out.stderr
 
 
-def make_cert(directory: Path) -> tuple[Path, Path]:
-    cert, key = directory / "cert.pem", directory / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-         "-nodes", "-days", "2", "-subj", "/CN=localhost", "-keyout", str(key), "-out",
-         str(cert)],
-        check=True, capture_output=True,
-    )
-    return cert, key
+# The project's own certificate maker (what `sessionbus up` uses): ECDSA P-256, CN=localhost.
+make_cert = self_signed
 
 
 def retry_until(fn: object, timeout: float = 10.0, interval: float = 0.1) -> Iterator[int]:
