@@ -21,7 +21,13 @@ from dataclasses import dataclass
 
 from consumer import metrics as cmetrics
 from producer.bus_member import BusMember
-from producer.cache_connection import CacheConnection, Connections, FrontLimits, precreate
+from producer.cache_connection import (
+    CacheConnection,
+    Connections,
+    FrontLimits,
+    Listener,
+    precreate,
+)
 from producer.cache_store import Store
 from producer.memcache_protocol import MemcacheConnection
 from producer.outbox import OutboxSettings
@@ -84,13 +90,12 @@ class CacheFront:
             max_value=settings.limits.max_value,
         )
         self.connections = Connections(settings.limits)
-        self._servers: dict[str, asyncio.Server] = {}
+        self._servers: dict[str, Listener] = {}
         self._tasks: list[asyncio.Task[None]] = []
 
     def address(self, protocol: str) -> tuple[str, int]:
         """Where the ``memcache`` or ``redis`` listener listens (after ``start``)."""
-        host, port = self._servers[protocol].sockets[0].getsockname()[:2]
-        return host, port
+        return self._servers[protocol].address()
 
     @property
     def protocols(self) -> list[str]:
@@ -98,6 +103,7 @@ class CacheFront:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        store, conns = self.store, self.connections
         if self.settings.replication:
             await self.bus.connect()
         listeners: list[tuple[str, tuple[str, int] | None, type[CacheConnection]]] = [
@@ -109,9 +115,9 @@ class CacheFront:
                 if addr is None:
                     continue
                 precreate(name)
-                self._servers[name] = await loop.create_server(
-                    lambda proto=proto: proto(self.store, self.connections),  # type: ignore[misc]
-                    addr[0], addr[1], reuse_address=True, backlog=1024,
+                self._servers[name] = Listener.bind(
+                    addr[0], addr[1],
+                    lambda sock, proto=proto: proto(sock, store, conns),  # type: ignore[misc]
                 )
                 log.info("cache %s: %s on %s:%d", self.settings.node_id, name,
                          *self.address(name))
@@ -138,9 +144,6 @@ class CacheFront:
         for server in self._servers.values():
             server.close()
         self.connections.close_all()
-        for server in self._servers.values():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(server.wait_closed(), drain_timeout)
         await self.bus.flush_and_stop_replica(drain_timeout)
         for t in self._tasks:
             t.cancel()

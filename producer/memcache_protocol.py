@@ -23,6 +23,7 @@ an optional CR before it, as memcached accepts.
 
 from __future__ import annotations
 
+import socket
 import time
 from dataclasses import dataclass
 
@@ -77,10 +78,10 @@ class MemcacheConnection(CacheConnection):
     protocol_name = "memcache"
     too_many = b"SERVER_ERROR too many open connections\r\n"
 
-    def __init__(self, store: Store, conns: Connections) -> None:
-        super().__init__(store, conns)
+    def __init__(self, sock: socket.socket, store: Store, conns: Connections) -> None:
         self._pending: _PendingSet | None = None
         self._swallow = 0  # bytes of a refused value (and its CRLF) still to discard
+        super().__init__(sock, store, conns)  # last: it may start serving
 
     def received(self, data: bytes) -> None:
         if self._swallow:

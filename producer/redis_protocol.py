@@ -19,6 +19,7 @@ missing CRLF, a header line too long, more arguments or bytes than the limits) g
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Callable
 
@@ -61,21 +62,21 @@ class RedisConnection(CacheConnection):
     protocol_name = "redis"
     too_many = b"-ERR max number of clients reached\r\n"
 
-    def __init__(self, store: Store, conns: Connections) -> None:
-        super().__init__(store, conns)
+    def __init__(self, sock: socket.socket, store: Store, conns: Connections) -> None:
         self._argc = 0  # arguments of the current request still to read (0: between requests)
         self._args: list[bytes] = []
         self._bulk = -1  # length of the bulk string being read; -1: its "$len" line comes next
         self._skip = 0  # bytes of an over-long argument (and its CRLF) still to discard
         self._oversize = False
         self._size = 0  # bytes the current request holds
-        limits = self.limits
+        limits = conns.limits
         self._max_args = limits.max_keys + 1
         self._max_request = limits.max_value + limits.max_keys * (MAX_KEY + 8)
         self._commands: dict[bytes, Callable[[list[bytes]], None]] = {
             b"get": self._get, b"set": self._set, b"setex": self._setex, b"del": self._del,
             b"ping": self._ping, b"select": self._select, b"quit": self._quit,
         }
+        super().__init__(sock, store, conns)  # last: it may start serving
 
     def received(self, data: bytes) -> None:
         buf = self._buf
