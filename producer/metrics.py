@@ -5,9 +5,10 @@ Shared ones (broker connection, replica, ticket-key age) live in ``consumer.metr
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, Counter, Gauge
 
 from consumer.metrics import LAG_BUCKETS
+from producer.request_stats import RequestStats
 from schemas.events import SESSION_EVENT_TYPES
 
 HANDSHAKES = Counter("sessionbus_handshakes_total", "Completed TLS handshakes", ["kind"])
@@ -47,14 +48,12 @@ KEY_RINGS_PUBLISHED = Counter(
     ["reason"],
 )
 
-CACHE_REQUESTS = Counter(
-    "sessionbus_cache_requests_total", "Cache front requests, by command and result",
-    ["protocol", "command", "result"],
+# sessionbus_cache_requests_total{protocol,command,result} and
+# sessionbus_cache_request_duration_seconds{protocol}, counted without locks (request_stats).
+CACHE_STATS = RequestStats(
+    "sessionbus_cache_requests_total", "sessionbus_cache_request_duration_seconds", LAG_BUCKETS
 )
-CACHE_REQUEST_DURATION = Histogram(
-    "sessionbus_cache_request_duration_seconds", "Cache front request handling time",
-    ["protocol"], buckets=LAG_BUCKETS,
-)
+REGISTRY.register(CACHE_STATS)
 CACHE_CONNECTIONS = Gauge("sessionbus_cache_connections", "Open cache front connections")
 
 for _t in SESSION_EVENT_TYPES:

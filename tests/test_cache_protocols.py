@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 
 from consumer.peer_cache import PeerCache
 from producer import metrics
@@ -499,9 +500,16 @@ async def test_a_client_that_does_not_read_costs_only_itself(front: Front, clien
 
 async def test_metrics_count_requests_and_connections(front: Front, clients: Any) -> None:
     def count(command: str, result: str) -> float:
-        return metrics.CACHE_REQUESTS.labels("memcache", command, result)._value.get()
+        value = REGISTRY.get_sample_value(
+            "sessionbus_cache_requests_total",
+            {"protocol": "memcache", "command": command, "result": result},
+        )
+        return value or 0.0
 
     hits, misses = count("get", "hit"), count("get", "miss")
+    observed_before = REGISTRY.get_sample_value(
+        "sessionbus_cache_request_duration_seconds_count", {"protocol": "memcache"}
+    ) or 0.0
     before = metrics.CACHE_CONNECTIONS._value.get()
     c = await clients(front.mc_port)
     der = tls_session()
@@ -509,9 +517,14 @@ async def test_metrics_count_requests_and_connections(front: Front, clients: Any
     await c.ask(b"get " + mc_key(der) + b" nope\r\n", b"END\r\n")
     assert count("get", "hit") == hits + 1 and count("get", "miss") == misses + 1
     assert metrics.CACHE_CONNECTIONS._value.get() == before + 1
-    samples = {s.name: s.value for s in metrics.CACHE_REQUEST_DURATION.collect()[0].samples
-               if s.labels.get("protocol") == "memcache"}
-    assert samples["sessionbus_cache_request_duration_seconds_count"] >= 2
+    observed = REGISTRY.get_sample_value(
+        "sessionbus_cache_request_duration_seconds_count", {"protocol": "memcache"}
+    )
+    assert observed is not None and observed >= observed_before + 2
+    inf = REGISTRY.get_sample_value(
+        "sessionbus_cache_request_duration_seconds_bucket", {"protocol": "memcache", "le": "+Inf"}
+    )
+    assert inf == observed
 
 
 # --- Redis -------------------------------------------------------------------------------------
