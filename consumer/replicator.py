@@ -154,6 +154,10 @@ class Replicator:
             handled = self._replay.handled
             if handled == last and self._replay.idle.is_set():
                 self._set_caught_up()
+                # The replay has reached the stream's end, and the queue (declared before it
+                # started) holds everything since: following the stream on would apply every
+                # new event twice, this node's own unskipped (most of a busy cache's CPU).
+                await self._replay.cancel()
             last = handled
 
     async def _on_replayed(self, batch: DecodedBatch) -> None:

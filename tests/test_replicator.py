@@ -214,3 +214,30 @@ async def test_warm_join_holds_sessions_published_before_it_started(
     assert await wait_until(lambda: len(late.cache) >= 500, timeout=30)
     assert all(sid in late.cache for sid in ids)
     await asyncio.wait_for(late.caught_up.wait(), 10)
+
+
+async def test_once_warm_new_events_are_applied_once(
+    bus: Bus, session_der: DerFactory,
+) -> None:
+    """The replay stops at the stream's end: later events come through the queue only, not
+    through the queue and the stream both."""
+    box = bus.outbox("node-a")
+    sid = os.urandom(32)
+    box.put_new(sid, TEST_SID_CTX, time.time() + 600, session_der(session_id=sid))
+    assert await box.flush(30)
+    late = await bus.replica("node-late")
+    await asyncio.wait_for(late.caught_up.wait(), 10)
+    assert sid in late.cache
+
+    def applied() -> float:
+        return REGISTRY.get_sample_value(
+            "sessionbus_events_consumed_total", {"type": "new", "outcome": "applied"}) or 0.0
+
+    before = applied()
+    ids = [os.urandom(32) for _ in range(50)]
+    for s in ids:
+        box.put_new(s, TEST_SID_CTX, time.time() + 600, session_der(session_id=s))
+    assert await box.flush(30)
+    assert await wait_until(lambda: all(s in late.cache for s in ids), timeout=30)
+    await asyncio.sleep(1.0)  # a stream consumer still following would deliver them again
+    assert applied() - before == 50
