@@ -38,13 +38,14 @@ from schemas.topology import Topology
 
 log = logging.getLogger(__name__)
 
-# How long a partial batch waits for company while another is in flight (with none in flight,
-# events go at once). Each published message costs the cache (seal, publish, confirm) and every
-# receiver about a millisecond of CPU here, on the machine that runs httpd: under load, a node's
-# 2 ms sends nearly one message per event; 50 ms lets dozens share one, for at most 50 ms more
-# replication delay. GET events (statistics) wait up to OutboxSettings.get_linger (250 ms).
-DEFAULT_LINGER = 0.05
-CACHE_OUTBOX = OutboxSettings(linger=DEFAULT_LINGER)  # batches are bounded by bytes too
+# How long a NEW or REMOVE waits for company before it is published, in flight or not. Each
+# published message costs the cache (seal, publish, confirm, its own copy coming back) and the
+# broker a fraction of a millisecond of CPU, on the core httpd needs: sending at once, as a node
+# does, publishes about one message per request under load (httpd with TLS 1.3 stateful tickets
+# sets and deletes a session per resumption). 20 ms lets dozens share one message, for at most
+# 20 ms more replication delay. GET events (statistics) wait up to OutboxSettings.get_linger.
+DEFAULT_HOLD = 0.02
+CACHE_OUTBOX = OutboxSettings(hold=DEFAULT_HOLD)  # batches are bounded by bytes too
 
 
 @dataclass(frozen=True, slots=True)

@@ -49,6 +49,10 @@ class OutboxSettings:
     batch_max: int = 256
     linger: float = 0.002  # seconds a partial batch waits for company while one is in flight
     get_linger: float = 0.25  # seconds GET events (statistics) may wait to travel together
+    # Seconds a NEW or REMOVE may wait for company even with nothing in flight (0: it goes at
+    # once, and ``linger`` batches what arrives meanwhile). A cache front shares its core with
+    # the server it serves, so it trades a few ms of replication delay for few messages.
+    hold: float = 0.0
     # Session bytes per message, well under receivers' limit (schemas.codec.Limits, 1 MiB).
     batch_bytes: int = 512 * 1024
     in_flight: int = 8  # batches awaiting confirms at once
@@ -106,10 +110,14 @@ class Outbox:
         q = self._queues[type_]
         q.append([self._seq, time.time(), *tail])
         self._depth += 1
-        # A GET joining GETs that are being held changes nothing for the publisher until the
-        # batch is full: waking it per GET (a timer and a task each time) cost a cache front
-        # more CPU than answering the get.
-        if type_ is not EventType.GET or self._depth == 1 or len(q) >= self._s.batch_max:
+        # An event joining events that are being held changes nothing for the publisher until
+        # the batch is full: waking it per event (a timer and a task each time) cost a cache
+        # front more CPU than answering the request.
+        if (
+            self._depth == 1 or len(q) >= self._s.batch_max
+            or (type_ is not EventType.GET
+                and (not self._s.hold or self._depth == len(self._queues[EventType.GET]) + 1))
+        ):
             self._wake.set()
         self._idle.clear()
 
@@ -137,16 +145,27 @@ class Outbox:
             return False
         return True
 
-    def _hold_statistics(self) -> float:
-        """Seconds to keep GET events back so they travel in few messages (0: send now).
+    def _hold(self) -> float:
+        """Seconds to keep events back so they travel in few messages (0: send now).
 
         GETs are statistics: nobody waits for them, and one message per resumption would cost
-        a node more than the resumption saved.  NEW and REMOVE are never held."""
-        gets = self._queues[EventType.GET]
-        if not gets or len(gets) >= self._s.batch_max or self._depth != len(gets):
+        a node more than the resumption saved, so they wait ``get_linger`` unless something
+        else goes.  NEW and REMOVE wait ``hold`` (0 by default). A full batch never waits."""
+        queues = self._queues
+        gets = queues[EventType.GET]
+        batch_max = self._s.batch_max
+        if self._depth == len(gets):
+            if not gets or len(gets) >= batch_max:
+                return 0.0
+            oldest: float = gets[0][1]
+            return max(0.0, oldest + self._s.get_linger - time.time())
+        if not self._s.hold:
             return 0.0
-        oldest: float = gets[0][1]
-        return max(0.0, oldest + self._s.get_linger - time.time())
+        news, removes = queues[EventType.NEW], queues[EventType.REMOVE]
+        if len(news) >= batch_max or len(removes) >= batch_max:
+            return 0.0
+        oldest = min(q[0][1] for q in (news, removes) if q)
+        return max(0.0, oldest + self._s.hold - time.time())
 
     def _take(self) -> tuple[EventType, list[list[Any]]] | None:
         """The next batch: from the type whose oldest event is oldest, as many as may go.
@@ -266,13 +285,13 @@ class Outbox:
                     await asyncio.sleep(0.5)
                     continue
                 failed.clear()
-            hold = self._hold_statistics()
+            hold = self._hold()
             if hold > 0:
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), hold)
                 continue
-            if self._depth < self._s.batch_max and self._in_flight:
+            if self._depth < self._s.batch_max and self._in_flight and not self._s.hold:
                 # Nagle-like: while a batch is on its way, let the next one fill a little;
                 # with nothing in flight, send at once (low latency at low rates).
                 await asyncio.sleep(self._s.linger)

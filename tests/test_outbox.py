@@ -91,3 +91,46 @@ def test_new_batches_are_bounded_by_bytes_as_well() -> None:
         body, headers = encode_rows(EventType.NEW, "node-a", rows, KEYS)
         assert len(body) <= DEFAULT_LIMITS.max_message_bytes
         assert len(decode_batch(body, headers, KEYS).events) == len(rows)
+
+
+def test_gets_are_held_and_do_not_wake_the_publisher_one_by_one() -> None:
+    box = Outbox("a", Topology("t"), KEYS, OutboxSettings(batch_max=4, get_linger=0.25))
+    put(box, EventType.GET, b"s1")
+    assert box._wake.is_set()  # from empty: the publisher must start the hold
+    assert 0.2 < box._hold() <= 0.25
+    box._wake.clear()
+    put(box, EventType.GET, b"s2")
+    put(box, EventType.GET, b"s3")
+    assert not box._wake.is_set()  # held GETs joining: nothing changes for the publisher
+    put(box, EventType.GET, b"s4")
+    assert box._wake.is_set() and box._hold() == 0.0  # a full batch goes at once
+    box._wake.clear()
+    drain(box)
+    put(box, EventType.GET, b"s5")
+    box._wake.clear()
+    put(box, EventType.NEW, b"s6")
+    assert box._wake.is_set() and box._hold() == 0.0  # NEW goes at once by default, GETs too
+
+
+def test_hold_keeps_new_and_remove_back_until_due_or_full() -> None:
+    box = Outbox("a", Topology("t"), KEYS, OutboxSettings(batch_max=3, hold=0.02))
+    put(box, EventType.GET, b"s0")
+    box._wake.clear()
+    put(box, EventType.NEW, b"s1")
+    assert box._wake.is_set()  # first NEW behind GETs: the hold to wait is now shorter
+    assert 0.0 < box._hold() <= 0.02
+    box._wake.clear()
+    put(box, EventType.REMOVE, b"s2")
+    put(box, EventType.NEW, b"s3")
+    assert not box._wake.is_set() and box._hold() > 0.0
+    put(box, EventType.NEW, b"s4")
+    assert box._wake.is_set() and box._hold() == 0.0  # three NEWs: a full batch
+    assert [(t, len(rows)) for t, rows in drain(box)] == [
+        (EventType.GET, 1), (EventType.NEW, 3), (EventType.REMOVE, 1)]
+
+
+def test_held_events_are_due_after_the_hold() -> None:
+    box = Outbox("a", Topology("t"), KEYS, OutboxSettings(hold=0.02))
+    put(box, EventType.REMOVE, b"s1")
+    box._queues[EventType.REMOVE][0][1] -= 0.05  # put 50 ms ago
+    assert box._hold() == 0.0

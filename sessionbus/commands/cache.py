@@ -10,7 +10,7 @@ from typing import Any
 
 from consumer.metrics import serve_metrics
 from producer.cache_connection import FrontLimits
-from producer.cache_front import CACHE_OUTBOX, DEFAULT_LINGER, CacheFront, CacheSettings
+from producer.cache_front import CACHE_OUTBOX, DEFAULT_HOLD, CacheFront, CacheSettings
 from sessionbus.commands._common import subparser
 from sessionbus.config import ConfigError, add_common, common_from_args, host_port
 from sessionbus.config import node_id as node_id_type
@@ -52,9 +52,9 @@ def register(sub: Any, exit_codes: str) -> None:
                    metavar="SECONDS",
                    help="close a client connection silent this long; keep it above httpd's "
                    "connection-pool TTL (15 s) (default %(default)s)")
-    p.add_argument("--linger", type=float, default=DEFAULT_LINGER, metavar="SECONDS",
-                   help="under load, how long new and removed sessions wait to be published "
-                   "together: longer costs less CPU per session, shorter replicates sooner "
+    p.add_argument("--linger", type=float, default=DEFAULT_HOLD, metavar="SECONDS",
+                   help="how long new and removed sessions wait to be published together: "
+                   "longer costs less CPU per session, shorter replicates sooner "
                    "(default %(default)s; lookups, statistics only, wait up to 0.25 s)")
     p.add_argument("--no-replication", action="store_true",
                    help="a local store only: no broker, no peers (for comparison)")
@@ -79,7 +79,7 @@ def main(args: argparse.Namespace) -> int:
         session_timeout=args.session_timeout, replication=not args.no_replication,
         limits=FrontLimits(max_connections=args.max_connections,
                            idle_timeout=args.idle_timeout),
-        outbox=replace(CACHE_OUTBOX, linger=args.linger),
+        outbox=replace(CACHE_OUTBOX, hold=args.linger),
     )
     keys = common.keys()
 
