@@ -39,12 +39,14 @@ from schemas.topology import Topology
 log = logging.getLogger(__name__)
 
 # How long a NEW or REMOVE waits for company before it is published, in flight or not. Each
-# published message costs the cache (seal, publish, confirm, its own copy coming back) and the
-# broker a fraction of a millisecond of CPU, on the core httpd needs: sending at once, as a node
-# does, publishes about one message per request under load (httpd with TLS 1.3 stateful tickets
-# sets and deletes a session per resumption). 20 ms lets dozens share one message, for at most
-# 20 ms more replication delay. GET events (statistics) wait up to OutboxSettings.get_linger.
-DEFAULT_HOLD = 0.02
+# message costs the cache (seal, publish, confirm, its own copy coming back and acked) about
+# 0.3 ms of CPU on an idle core and several times that on the core httpd keeps busy: sending at
+# once, as a node does, published about one message per request under httpd's TLS 1.3 load (a
+# set per resumption). Measured under that load, 20 ms of hold still cost ~75 µs of cache CPU
+# per resumption and 100 ms ~0-20; 50 ms keeps replication well inside the time a client takes
+# to come back, at ~20 messages/s per type. GET events (statistics) wait up to
+# OutboxSettings.get_linger.
+DEFAULT_HOLD = 0.05
 CACHE_OUTBOX = OutboxSettings(hold=DEFAULT_HOLD)  # batches are bounded by bytes too
 
 

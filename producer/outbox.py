@@ -47,6 +47,9 @@ _DROP_ORDER: dict[EventType, tuple[EventType, ...]] = {
 class OutboxSettings:
     capacity: int = 100_000
     batch_max: int = 256
+    # GET rows are small (no session), and a message per few hundred lookups was, on a busy
+    # cache front, a large part of what replication cost it.
+    get_batch_max: int = 1024
     linger: float = 0.002  # seconds a partial batch waits for company while one is in flight
     get_linger: float = 0.25  # seconds GET events (statistics) may wait to travel together
     # Seconds a NEW or REMOVE may wait for company even with nothing in flight (0: it goes at
@@ -113,11 +116,12 @@ class Outbox:
         # An event joining events that are being held changes nothing for the publisher until
         # the batch is full: waking it per event (a timer and a task each time) cost a cache
         # front more CPU than answering the request.
-        if (
-            self._depth == 1 or len(q) >= self._s.batch_max
-            or (type_ is not EventType.GET
-                and (not self._s.hold or self._depth == len(self._queues[EventType.GET]) + 1))
-        ):
+        if type_ is EventType.GET:
+            wake = self._depth == 1 or len(q) >= self._s.get_batch_max
+        else:
+            wake = (not self._s.hold or len(q) >= self._s.batch_max
+                    or self._depth == len(self._queues[EventType.GET]) + 1)
+        if wake:
             self._wake.set()
         self._idle.clear()
 
@@ -146,41 +150,61 @@ class Outbox:
         return True
 
     def _hold(self) -> float:
-        """Seconds to keep events back so they travel in few messages (0: send now).
+        """Seconds to keep events back so they travel in few messages (0: something is due).
 
         GETs are statistics: nobody waits for them, and one message per resumption would cost
-        a node more than the resumption saved, so they wait ``get_linger`` unless something
-        else goes.  NEW and REMOVE wait ``hold`` (0 by default). A full batch never waits."""
+        a node more than the resumption saved, so they wait ``get_linger`` (or until
+        ``get_batch_max`` of them are queued). NEW and REMOVE wait ``hold`` (0 by default:
+        they go at once). A full batch never waits."""
         queues = self._queues
+        now = time.time()
+        waits: list[float] = []
         gets = queues[EventType.GET]
-        batch_max = self._s.batch_max
-        if self._depth == len(gets):
-            if not gets or len(gets) >= batch_max:
-                return 0.0
-            oldest: float = gets[0][1]
-            return max(0.0, oldest + self._s.get_linger - time.time())
-        if not self._s.hold:
-            return 0.0
+        if gets:
+            waits.append(self._get_wait(gets, now))
         news, removes = queues[EventType.NEW], queues[EventType.REMOVE]
-        if len(news) >= batch_max or len(removes) >= batch_max:
-            return 0.0
-        oldest = min(q[0][1] for q in (news, removes) if q)
-        return max(0.0, oldest + self._s.hold - time.time())
+        if news or removes:
+            if not self._s.hold or len(news) >= self._s.batch_max or (
+                len(removes) >= self._s.batch_max
+            ):
+                return 0.0
+            oldest: float = min(q[0][1] for q in (news, removes) if q)
+            waits.append(oldest + self._s.hold - now)
+        return max(0.0, min(waits)) if waits else 0.0
 
-    def _take(self) -> tuple[EventType, list[list[Any]]] | None:
+    def _get_wait(self, gets: deque[list[Any]], now: float) -> float:
+        if len(gets) >= self._s.get_batch_max:
+            return 0.0
+        oldest: float = gets[0][1]
+        return oldest + self._s.get_linger - now
+
+    def _take(self, everything: bool = False) -> tuple[EventType, list[list[Any]]] | None:
         """The next batch: from the type whose oldest event is oldest, as many as may go.
+
+        GETs that are still being held (see ``_hold``) are left for later unless
+        ``everything``, so they do not go in a message of their own beside every NEW batch.
 
         Batches are per type (routing keys are), yet the events of one session must leave in
         the order they happened (a consumer sees NEW, GET..., REMOVE in that order).  So a batch
         stops before an event whose session has an older event still waiting in another type's
-        queue.  Only the other queues' events older than the batch's last are looked at.
+        queue; when that cuts it to nothing, the older events go first.  Only the other queues'
+        events older than the batch's last are looked at.
         """
-        heads = [(q[0][0], t) for t, q in self._queues.items() if q]
+        gets = self._queues[EventType.GET]
+        hold_gets = bool(gets) and not everything and self._get_wait(gets, time.time()) > 0
+        heads = [(q[0][0], t) for t, q in self._queues.items()
+                 if q and not (hold_gets and t is EventType.GET)]
         if not heads:
             return None
         _, type_ = min(heads)
+        taken = self._take_from(type_)
+        if taken is None:  # its first event waits for an older held GET of the same session
+            taken = self._take_from(EventType.GET)
+        return taken
+
+    def _take_from(self, type_: EventType) -> tuple[EventType, list[list[Any]]] | None:
         q = self._queues[type_]
-        n = min(len(q), self._s.batch_max)
+        n = min(len(q), self._s.get_batch_max if type_ is EventType.GET else self._s.batch_max)
         candidate = list(itertools.islice(q, n))
         if type_ is EventType.NEW:
             # Bound the message by bytes too: receivers refuse messages over their limit, and
@@ -208,6 +232,8 @@ class Outbox:
                 if first is not None and first < row[0]:
                     candidate = candidate[:i]
                     break
+        if not candidate:
+            return None
         for _ in candidate:
             q.popleft()
         self._depth -= len(candidate)

@@ -28,9 +28,9 @@ def put(box: Outbox, type_: EventType, sid: bytes) -> None:
         box.put_remove(sid, b"ctx", 1e10, RemoveReason.REVOKE)
 
 
-def drain(box: Outbox) -> list[tuple[EventType, list[list[object]]]]:
+def drain(box: Outbox, everything: bool = True) -> list[tuple[EventType, list[list[object]]]]:
     batches = []
-    while (taken := box._take()) is not None:
+    while (taken := box._take(everything)) is not None:
         batches.append(taken)
     return batches
 
@@ -62,11 +62,15 @@ def test_full_outbox_drops_get_first_and_counts() -> None:
        st.integers(1, 20))
 def test_batches_keep_every_sessions_order(events: list[tuple[EventType, int]],
                                            batch_max: int) -> None:
-    box = Outbox("node-a", Topology(), KEYS, OutboxSettings(batch_max=batch_max))
+    box = Outbox("node-a", Topology(), KEYS,
+                  OutboxSettings(batch_max=batch_max, get_batch_max=batch_max + 3))
     for type_, s in events:
         put(box, type_, bytes([s]))
-    batches = drain(box)
-    assert all(0 < len(rows) <= batch_max for _, rows in batches)
+    # first what may go while GETs are held (a NEW or REMOVE behind an older GET of its
+    # session takes the GETs with it), then the rest
+    batches = drain(box, everything=False) + drain(box)
+    assert all(0 < len(rows) <= (batch_max + 3 if t is EventType.GET else batch_max)
+               for t, rows in batches)
     assert all(len({t}) == 1 for t, _ in batches)
     out = [(row[0], row[2]) for _, rows in batches for row in rows]
     assert sorted(seq for seq, _ in out) == list(range(1, len(events) + 1))  # each exactly once
@@ -94,7 +98,8 @@ def test_new_batches_are_bounded_by_bytes_as_well() -> None:
 
 
 def test_gets_are_held_and_do_not_wake_the_publisher_one_by_one() -> None:
-    box = Outbox("a", Topology("t"), KEYS, OutboxSettings(batch_max=4, get_linger=0.25))
+    box = Outbox("a", Topology("t"), KEYS,
+                 OutboxSettings(batch_max=2, get_batch_max=4, get_linger=0.25))
     put(box, EventType.GET, b"s1")
     assert box._wake.is_set()  # from empty: the publisher must start the hold
     assert 0.2 < box._hold() <= 0.25
@@ -109,7 +114,11 @@ def test_gets_are_held_and_do_not_wake_the_publisher_one_by_one() -> None:
     put(box, EventType.GET, b"s5")
     box._wake.clear()
     put(box, EventType.NEW, b"s6")
-    assert box._wake.is_set() and box._hold() == 0.0  # NEW goes at once by default, GETs too
+    assert box._wake.is_set() and box._hold() == 0.0  # NEW goes at once by default
+    assert [(t, len(rows)) for t, rows in drain(box, everything=False)] == [(EventType.NEW, 1)]
+    put(box, EventType.REMOVE, b"s5")  # behind a held GET of its session: the GET goes first
+    assert [(t, len(rows)) for t, rows in drain(box, everything=False)] == [
+        (EventType.GET, 1), (EventType.REMOVE, 1)]
 
 
 def test_hold_keeps_new_and_remove_back_until_due_or_full() -> None:
