@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -483,19 +484,57 @@ async def test_idle_connections_are_closed(front_with: Any, clients: Any) -> Non
     assert await busy.ask(b"version\r\n") == b"VERSION 1.6.0-sessionbus\r\n"
 
 
+async def small_window_client(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A client whose receive buffer stays small: loopback autotunes it up to 32 MB here, which
+    would absorb everything a test means to leave unread."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+    return await asyncio.open_connection(sock=sock, limit=1 << 16)
+
+
 async def test_a_client_that_does_not_read_costs_only_itself(front: Front, clients: Any) -> None:
     der = tls_session(ctx=TEST_SID_CTX)
     other = await clients(front.mc_port)
     assert await other.ask(mc_set(mc_key(der), der)) == b"STORED\r\n"
-    hog = await clients(front.mc_port)
+    _, hog = await small_window_client(front.mc_port)
     request = b"get " + mc_key(der) + b"\r\n"
     # ~6 MB of answers it never reads: the front stops reading from it instead of buffering
-    hog.writer.write(request * 20_000)
-    await asyncio.sleep(0.3)
+    hog.write(request * 20_000)
+    await asyncio.sleep(0.5)
+    (held,) = [c for c in front.front.connections.open if c._unwritten]
+    assert not held._reading
+    # what it holds for the hog: its bound plus the answers to one read of requests
+    assert len(held._unwritten) <= front.front.settings.limits.max_unwritten + 512 * 1024
     for _ in range(20):
         assert (await other.ask(request, b"END\r\n")).startswith(b"VALUE")
-    hog.writer.transport.abort()
+    hog.transport.abort()
     await assert_serving(front, mc_key(der), der)
+
+
+async def test_a_slow_reader_gets_every_answer_once_it_reads(front: Front, clients: Any) -> None:
+    """Answers that do not fit the socket are kept and written as the client drains them;
+    reading stops meanwhile and resumes after, with nothing lost or reordered."""
+    der = tls_session(ctx=TEST_SID_CTX)
+    other = await clients(front.mc_port)
+    assert await other.ask(mc_set(mc_key(der), der)) == b"STORED\r\n"
+    request = b"get " + mc_key(der) + b"\r\n"
+    answer = await other.ask(request, b"END\r\n")
+    reader, writer = await small_window_client(front.mc_port)
+    try:
+        n = 20_000  # ~6 MB of answers: more than the server's socket buffer (4 MB at most)
+        writer.write(request * n + b"version\r\n")
+        await asyncio.sleep(0.5)  # the front fills the socket and stops reading
+        slow = [conn for conn in front.front.connections.open if conn._unwritten]
+        assert len(slow) == 1 and not slow[0]._reading
+        assert (await other.ask(request, b"END\r\n")) == answer  # others are served meanwhile
+        expected = answer * n + b"VERSION 1.6.0-sessionbus\r\n"
+        assert await asyncio.wait_for(reader.readexactly(len(expected)), 30) == expected
+        writer.write(request)  # and it reads again
+        assert await asyncio.wait_for(reader.readexactly(len(answer)), 5) == answer
+    finally:
+        writer.close()
 
 
 async def test_metrics_count_requests_and_connections(front: Front, clients: Any) -> None:
