@@ -38,16 +38,15 @@ from schemas.topology import Topology
 
 log = logging.getLogger(__name__)
 
-# How long a NEW or REMOVE waits for company before it is published, in flight or not. Each
-# message costs the cache (seal, publish, confirm, its own copy coming back and acked) about
-# 0.3 ms of CPU on an idle core and several times that on the core httpd keeps busy: sending at
-# once, as a node does, published about one message per request under httpd's TLS 1.3 load (a
-# set per resumption). Measured under that load, 20 ms of hold still cost ~75 µs of cache CPU
-# per resumption and 100 ms ~0-20; 50 ms keeps replication well inside the time a client takes
-# to come back, at ~20 messages/s per type. GET events (statistics) wait up to
-# OutboxSettings.get_linger.
-DEFAULT_HOLD = 0.05
-CACHE_OUTBOX = OutboxSettings(hold=DEFAULT_HOLD)  # batches are bounded by bytes too
+# At most one NEW (and one REMOVE) message per this many seconds. Each message costs the cache
+# (seal, publish, confirm, its own copy coming back and acked) about 0.3 ms of CPU on an idle
+# core and several times that on the core httpd keeps busy: sending every event at once, as a
+# node does, published about one message per request under httpd's TLS 1.3 load (a set per
+# resumption). Measured under that load, 20 ms between messages still cost ~75 µs of cache CPU
+# per resumption and 100 ms ~0-20; at 50 ms an event waits at most that long, and not at all
+# after a quiet spell. GET events (statistics) wait up to OutboxSettings.get_linger.
+DEFAULT_MIN_INTERVAL = 0.05
+CACHE_OUTBOX = OutboxSettings(min_interval=DEFAULT_MIN_INTERVAL)  # batches are bounded by bytes too
 
 
 @dataclass(frozen=True, slots=True)

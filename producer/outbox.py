@@ -52,10 +52,11 @@ class OutboxSettings:
     get_batch_max: int = 1024
     linger: float = 0.002  # seconds a partial batch waits for company while one is in flight
     get_linger: float = 0.25  # seconds GET events (statistics) may wait to travel together
-    # Seconds a NEW or REMOVE may wait for company even with nothing in flight (0: it goes at
-    # once, and ``linger`` batches what arrives meanwhile). A cache front shares its core with
-    # the server it serves, so it trades a few ms of replication delay for few messages.
-    hold: float = 0.0
+    # At most one NEW (and one REMOVE) message per this many seconds (0: no limit). An event
+    # after a quiet spell goes at once; under load, events wait for the next slot and share it,
+    # so the CPU publishing costs stays bounded whatever the session rate. A cache front shares
+    # its core with the server it serves and uses 50 ms.
+    min_interval: float = 0.0
     # Session bytes per message, well under receivers' limit (schemas.codec.Limits, 1 MiB).
     batch_bytes: int = 512 * 1024
     in_flight: int = 8  # batches awaiting confirms at once
@@ -80,6 +81,7 @@ class Outbox:
         self._batches = 0
         self._wake = asyncio.Event()
         self._in_flight = 0
+        self._last_taken = {t: 0.0 for t in _PRIORITY}  # when a batch of each type last left
         self._idle = asyncio.Event()
         self._idle.set()
         self._channel: AbstractChannel | None = None
@@ -119,8 +121,8 @@ class Outbox:
         if type_ is EventType.GET:
             wake = self._depth == 1 or len(q) >= self._s.get_batch_max
         else:
-            wake = (not self._s.hold or len(q) >= self._s.batch_max
-                    or self._depth == len(self._queues[EventType.GET]) + 1)
+            # from empty, its slot may be due now; later events share that slot
+            wake = not self._s.min_interval or len(q) == 1 or len(q) >= self._s.batch_max
         if wake:
             self._wake.set()
         self._idle.clear()
@@ -154,23 +156,24 @@ class Outbox:
 
         GETs are statistics: nobody waits for them, and one message per resumption would cost
         a node more than the resumption saved, so they wait ``get_linger`` (or until
-        ``get_batch_max`` of them are queued). NEW and REMOVE wait ``hold`` (0 by default:
-        they go at once). A full batch never waits."""
-        queues = self._queues
+        ``get_batch_max`` of them are queued). A NEW or REMOVE waits for its type's next slot
+        (``min_interval`` after the last message of that type; 0: none). A full batch never
+        waits."""
         now = time.time()
         waits: list[float] = []
-        gets = queues[EventType.GET]
+        gets = self._queues[EventType.GET]
         if gets:
             waits.append(self._get_wait(gets, now))
-        news, removes = queues[EventType.NEW], queues[EventType.REMOVE]
-        if news or removes:
-            if not self._s.hold or len(news) >= self._s.batch_max or (
-                len(removes) >= self._s.batch_max
-            ):
-                return 0.0
-            oldest: float = min(q[0][1] for q in (news, removes) if q)
-            waits.append(oldest + self._s.hold - now)
+        for t in (EventType.NEW, EventType.REMOVE):
+            q = self._queues[t]
+            if q:
+                waits.append(self._slot_wait(t, q, now))
         return max(0.0, min(waits)) if waits else 0.0
+
+    def _slot_wait(self, type_: EventType, q: deque[list[Any]], now: float) -> float:
+        if not self._s.min_interval or len(q) >= self._s.batch_max:
+            return 0.0
+        return self._last_taken[type_] + self._s.min_interval - now
 
     def _get_wait(self, gets: deque[list[Any]], now: float) -> float:
         if len(gets) >= self._s.get_batch_max:
@@ -179,27 +182,32 @@ class Outbox:
         return oldest + self._s.get_linger - now
 
     def _take(self, everything: bool = False) -> tuple[EventType, list[list[Any]]] | None:
-        """The next batch: from the type whose oldest event is oldest, as many as may go.
-
-        GETs that are still being held (see ``_hold``) are left for later unless
-        ``everything``, so they do not go in a message of their own beside every NEW batch.
+        """The next batch: of the types that are due (see ``_hold``; all if ``everything``),
+        from the one whose oldest event is oldest, as many as may go.
 
         Batches are per type (routing keys are), yet the events of one session must leave in
         the order they happened (a consumer sees NEW, GET..., REMOVE in that order).  So a batch
         stops before an event whose session has an older event still waiting in another type's
-        queue; when that cuts it to nothing, the older events go first.  Only the other queues'
-        events older than the batch's last are looked at.
+        queue; when that cuts it to nothing, the oldest events go first, due or not.  Only the
+        other queues' events older than the batch's last are looked at.
         """
-        gets = self._queues[EventType.GET]
-        hold_gets = bool(gets) and not everything and self._get_wait(gets, time.time()) > 0
-        heads = [(q[0][0], t) for t, q in self._queues.items()
-                 if q and not (hold_gets and t is EventType.GET)]
-        if not heads:
+        now = time.time()
+        heads: list[tuple[int, EventType]] = []
+        due: list[tuple[int, EventType]] = []
+        for t, q in self._queues.items():
+            if not q:
+                continue
+            heads.append((q[0][0], t))
+            wait = self._get_wait(q, now) if t is EventType.GET else self._slot_wait(t, q, now)
+            if everything or wait <= 0:
+                due.append((q[0][0], t))
+        if not due:
             return None
-        _, type_ = min(heads)
-        taken = self._take_from(type_)
-        if taken is None:  # its first event waits for an older held GET of the same session
-            taken = self._take_from(EventType.GET)
+        taken = self._take_from(min(due)[1])
+        if taken is None:  # its first event waits behind an older one of the same session
+            taken = self._take_from(min(heads)[1])
+        if taken is not None:
+            self._last_taken[taken[0]] = now
         return taken
 
     def _take_from(self, type_: EventType) -> tuple[EventType, list[list[Any]]] | None:
@@ -317,7 +325,7 @@ class Outbox:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), hold)
                 continue
-            if self._depth < self._s.batch_max and self._in_flight and not self._s.hold:
+            if self._depth < self._s.batch_max and self._in_flight and not self._s.min_interval:
                 # Nagle-like: while a batch is on its way, let the next one fill a little;
                 # with nothing in flight, send at once (low latency at low rates).
                 await asyncio.sleep(self._s.linger)

@@ -98,3 +98,17 @@ def test_bad_values_are_rejected(tmp_path: Path) -> None:
     ]:
         out = sb(*args)
         assert out.returncode == 2 and needle in out.stderr, (args, out.stderr)
+
+
+def test_linger_out_of_range_is_one_line_and_exit_3(tmp_path: Path) -> None:
+    cert = tmp_path / "c.pem"
+    cert.write_text("x")
+    for args in (
+        ["node", "--node-id", "a", "--listen", "127.0.0.1:1", "--cert", str(cert), "--key",
+         str(cert), "--linger", "2"],
+        ["cache", "--node-id", "a", "--memcache", "127.0.0.1:1", "--linger", "-1"],
+    ):
+        out = sb(*args)
+        assert out.returncode == 3, (args, out.stderr)
+        assert out.stderr.strip().endswith("--linger must be 0..1 seconds")
+        assert out.stderr.count("\n") == 1

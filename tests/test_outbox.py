@@ -121,25 +121,41 @@ def test_gets_are_held_and_do_not_wake_the_publisher_one_by_one() -> None:
         (EventType.GET, 1), (EventType.REMOVE, 1)]
 
 
-def test_hold_keeps_new_and_remove_back_until_due_or_full() -> None:
-    box = Outbox("a", Topology("t"), KEYS, OutboxSettings(batch_max=3, hold=0.02))
-    put(box, EventType.GET, b"s0")
-    box._wake.clear()
+def test_min_interval_spaces_messages_of_a_type_and_lets_the_first_go_at_once() -> None:
+    box = Outbox("a", Topology("t"), KEYS, OutboxSettings(batch_max=3, min_interval=0.05))
     put(box, EventType.NEW, b"s1")
-    assert box._wake.is_set()  # first NEW behind GETs: the hold to wait is now shorter
-    assert 0.0 < box._hold() <= 0.02
+    assert box._wake.is_set() and box._hold() == 0.0  # after a quiet spell: at once
+    assert [(t, len(r)) for t, r in drain(box, everything=False)] == [(EventType.NEW, 1)]
     box._wake.clear()
-    put(box, EventType.REMOVE, b"s2")
+    put(box, EventType.NEW, b"s2")
+    assert box._wake.is_set()  # from empty: the publisher must learn the next slot
+    assert 0.0 < box._hold() <= 0.05  # a NEW message just left: wait for the next slot
+    assert drain(box, everything=False) == []
+    box._wake.clear()
     put(box, EventType.NEW, b"s3")
-    assert not box._wake.is_set() and box._hold() > 0.0
+    assert not box._wake.is_set()  # it shares the slot s2 waits for
+    put(box, EventType.REMOVE, b"s9")
+    assert box._hold() == 0.0  # REMOVE has slots of its own
+    assert [(t, len(r)) for t, r in drain(box, everything=False)] == [(EventType.REMOVE, 1)]
     put(box, EventType.NEW, b"s4")
-    assert box._wake.is_set() and box._hold() == 0.0  # three NEWs: a full batch
-    assert [(t, len(rows)) for t, rows in drain(box)] == [
-        (EventType.GET, 1), (EventType.NEW, 3), (EventType.REMOVE, 1)]
+    assert box._wake.is_set() and box._hold() == 0.0  # three NEWs: a full batch goes
+    assert [(t, len(r)) for t, r in drain(box, everything=False)] == [(EventType.NEW, 3)]
 
 
-def test_held_events_are_due_after_the_hold() -> None:
-    box = Outbox("a", Topology("t"), KEYS, OutboxSettings(hold=0.02))
+def test_an_event_behind_an_older_one_of_its_session_waits_for_it() -> None:
+    box = Outbox("a", Topology("t"), KEYS, OutboxSettings(min_interval=0.05))
     put(box, EventType.REMOVE, b"s1")
-    box._queues[EventType.REMOVE][0][1] -= 0.05  # put 50 ms ago
+    drain(box, everything=False)  # a REMOVE message just left
+    put(box, EventType.REMOVE, b"s1")  # waits for REMOVE's next slot
+    put(box, EventType.NEW, b"s1")  # NEW is due, but the older REMOVE of s1 goes first
+    assert [t for t, _ in drain(box, everything=False)] == [EventType.REMOVE, EventType.NEW]
+
+
+def test_waiting_events_are_due_after_the_interval() -> None:
+    box = Outbox("a", Topology("t"), KEYS, OutboxSettings(min_interval=0.05))
+    put(box, EventType.REMOVE, b"s1")
+    drain(box, everything=False)
+    put(box, EventType.REMOVE, b"s2")
+    assert box._hold() > 0.0
+    box._last_taken[EventType.REMOVE] -= 0.06  # the last REMOVE message left 60 ms ago
     assert box._hold() == 0.0

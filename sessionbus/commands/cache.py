@@ -10,7 +10,7 @@ from typing import Any
 
 from consumer.metrics import serve_metrics
 from producer.cache_connection import FrontLimits
-from producer.cache_front import CACHE_OUTBOX, DEFAULT_HOLD, CacheFront, CacheSettings
+from producer.cache_front import CACHE_OUTBOX, DEFAULT_MIN_INTERVAL, CacheFront, CacheSettings
 from sessionbus.commands._common import subparser
 from sessionbus.config import ConfigError, add_common, common_from_args, host_port
 from sessionbus.config import node_id as node_id_type
@@ -52,10 +52,12 @@ def register(sub: Any, exit_codes: str) -> None:
                    metavar="SECONDS",
                    help="close a client connection silent this long; keep it above httpd's "
                    "connection-pool TTL (15 s) (default %(default)s)")
-    p.add_argument("--linger", type=float, default=DEFAULT_HOLD, metavar="SECONDS",
-                   help="how long new and removed sessions wait to be published together: "
-                   "longer costs less CPU per session, shorter replicates sooner "
-                   "(default %(default)s; lookups, statistics only, wait up to 0.25 s)")
+    p.add_argument("--linger", type=float, default=DEFAULT_MIN_INTERVAL, metavar="SECONDS",
+                   help="at most one message of new (and one of removed) sessions per this "
+                   "long: under load they wait for the next one and share it, after a quiet "
+                   "spell they go at once; longer costs less CPU per session, shorter "
+                   "replicates sooner (default %(default)s; lookups, statistics only, wait up "
+                   "to 0.25 s)")
     p.add_argument("--no-replication", action="store_true",
                    help="a local store only: no broker, no peers (for comparison)")
     add_common(p)
@@ -79,7 +81,7 @@ def main(args: argparse.Namespace) -> int:
         session_timeout=args.session_timeout, replication=not args.no_replication,
         limits=FrontLimits(max_connections=args.max_connections,
                            idle_timeout=args.idle_timeout),
-        outbox=replace(CACHE_OUTBOX, hold=args.linger),
+        outbox=replace(CACHE_OUTBOX, min_interval=args.linger),
     )
     keys = common.keys()
 

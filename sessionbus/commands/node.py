@@ -11,6 +11,7 @@ from typing import Any
 from consumer.metrics import serve_metrics
 from producer.node import Node, NodeSettings, TicketMode
 from producer.openssl import BindingError
+from producer.outbox import OutboxSettings
 from sessionbus.commands._common import subparser
 from sessionbus.config import ConfigError, add_common, common_from_args, existing_file, host_port
 from sessionbus.config import node_id as node_id_type
@@ -46,6 +47,11 @@ def register(sub: Any, exit_codes: str) -> None:
     p.add_argument("--service", default="sessionbus",
                    help="session id context, the same on every node of one service and "
                    "different between services (at most 32 bytes; default %(default)s)")
+    p.add_argument("--linger", type=float, default=0.0, metavar="SECONDS",
+                   help="at most one message of new (and one of removed) sessions per this "
+                   "long: under load they wait for the next one and share it, after a quiet "
+                   "spell they go at once. 0 (default): at once, for the least replication "
+                   "delay; 0.01 measured ~20%% more full handshakes/s at ~4 ms more delay")
     p.add_argument("--no-replication", action="store_true",
                    help="do not publish or replicate sessions (a lone node; for comparison)")
     add_common(p)
@@ -58,11 +64,14 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError("--session-timeout must be positive")
     if len(args.service.encode()) > 32:
         raise ConfigError("--service must be at most 32 bytes")
+    if not 0 <= args.linger <= 1:
+        raise ConfigError("--linger must be 0..1 seconds")
     settings = NodeSettings(
         node_id=args.node_id, host=args.listen[0], port=args.listen[1], cert=args.cert,
         key=args.key, upstream=args.upstream, session_timeout=args.session_timeout,
         tickets=TicketMode(args.tickets), service=args.service,
         replication=not args.no_replication,
+        outbox=OutboxSettings(min_interval=args.linger),
     )
     keys = common.keys()
 
