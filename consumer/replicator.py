@@ -146,19 +146,28 @@ class Replicator:
             log.info("replica %s is warm: %d sessions", self.settings.node_id, len(self.cache))
 
     async def _watch_replay(self) -> None:
-        """Declare the replica warm once the replay has gone quiet (history delivered)."""
-        assert self._replay is not None
+        """Declare the replica warm once the replay has gone quiet (history delivered), and
+        stop the replay: the queue, declared before it started, holds everything since, and
+        following the stream on would apply every new event twice (this node's own unskipped,
+        most of a busy cache front's CPU) until ``_on_replayed`` saw a batch newer than the
+        queue. A replay that delivered nothing is stopped only after ``live_margin`` of quiet:
+        a stream that is slow to start delivering must not lose its history."""
+        replay = self._replay
+        assert replay is not None
         last = -1
-        while not self.caught_up.is_set():
+        quiet_since: float | None = None
+        while True:
             await asyncio.sleep(0.5)
-            handled = self._replay.handled
-            if handled == last and self._replay.idle.is_set():
-                self._set_caught_up()
-                # The replay has reached the stream's end, and the queue (declared before it
-                # started) holds everything since: following the stream on would apply every
-                # new event twice, this node's own unskipped (most of a busy cache's CPU).
-                await self._replay.cancel()
-            last = handled
+            handled = replay.handled
+            if handled != last or not replay.idle.is_set():
+                last, quiet_since = handled, None
+                continue
+            self._set_caught_up()
+            now = time.monotonic()
+            quiet_since = now if quiet_since is None else quiet_since
+            if handled > 0 or now - quiet_since >= self.settings.live_margin:
+                await replay.cancel()
+                return
 
     async def _on_replayed(self, batch: DecodedBatch) -> None:
         self.apply(batch, live=False)

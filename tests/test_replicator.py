@@ -216,11 +216,30 @@ async def test_warm_join_holds_sessions_published_before_it_started(
     await asyncio.wait_for(late.caught_up.wait(), 10)
 
 
+def applied_new() -> float:
+    return REGISTRY.get_sample_value(
+        "sessionbus_events_consumed_total", {"type": "new", "outcome": "applied"}) or 0.0
+
+
+async def publish_and_count(box: Outbox, replica: Replicator, session_der: DerFactory,
+                            n: int = 50) -> float:
+    """Publish ``n`` NEW events; how many the process applied for them (after a pause in
+    which a stream consumer still following would have delivered them again)."""
+    before = applied_new()
+    ids = [os.urandom(32) for _ in range(n)]
+    for s in ids:
+        box.put_new(s, TEST_SID_CTX, time.time() + 600, session_der(session_id=s))
+    assert await box.flush(30)
+    assert await wait_until(lambda: all(s in replica.cache for s in ids), timeout=30)
+    await asyncio.sleep(1.0)
+    return applied_new() - before
+
+
 async def test_once_warm_new_events_are_applied_once(
     bus: Bus, session_der: DerFactory,
 ) -> None:
-    """The replay stops at the stream's end: later events come through the queue only, not
-    through the queue and the stream both."""
+    """The replay stops at the stream's end once it has delivered the history: later events
+    come through the queue only, not through the queue and the stream both."""
     box = bus.outbox("node-a")
     sid = os.urandom(32)
     box.put_new(sid, TEST_SID_CTX, time.time() + 600, session_der(session_id=sid))
@@ -228,16 +247,17 @@ async def test_once_warm_new_events_are_applied_once(
     late = await bus.replica("node-late")
     await asyncio.wait_for(late.caught_up.wait(), 10)
     assert sid in late.cache
+    assert await publish_and_count(box, late, session_der) == 50
 
-    def applied() -> float:
-        return REGISTRY.get_sample_value(
-            "sessionbus_events_consumed_total", {"type": "new", "outcome": "applied"}) or 0.0
 
-    before = applied()
-    ids = [os.urandom(32) for _ in range(50)]
-    for s in ids:
-        box.put_new(s, TEST_SID_CTX, time.time() + 600, session_der(session_id=s))
-    assert await box.flush(30)
-    assert await wait_until(lambda: all(s in late.cache for s in ids), timeout=30)
-    await asyncio.sleep(1.0)  # a stream consumer still following would deliver them again
-    assert applied() - before == 50
+async def test_a_replay_that_found_nothing_stops_after_the_live_margin(
+    bus: Bus, session_der: DerFactory,
+) -> None:
+    """An empty stream may be one slow to start: its replay keeps following for live_margin
+    (events then arrive twice, harmlessly), and stops after."""
+    replica = await bus.replica("node-empty", live_margin=1.5)
+    await asyncio.wait_for(replica.caught_up.wait(), 10)  # warm at once: nothing to replay
+    box = bus.outbox("node-a")
+    assert await publish_and_count(box, replica, session_der) == 100  # queue and stream
+    await asyncio.sleep(1.0)  # quiet for longer than the margin since it was warm
+    assert await publish_and_count(box, replica, session_der) == 50  # the queue only
