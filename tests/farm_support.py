@@ -122,6 +122,21 @@ def farm_files(directory: Path) -> tuple[Path, Path, Path]:
     return (key_file, *make_cert(directory))
 
 
+@contextlib.contextmanager
+def bus_env(directory: Path, *queues: str) -> Iterator[dict[str, str]]:
+    """The environment of sessionbus processes on a fresh bus key (in ``directory``) and a
+    unique prefix; afterwards the prefix's topology and its named queues (``<prefix>.<name>``)
+    are deleted."""
+    key_file = directory / "bus.key"
+    write_new_key_file(key_file)
+    prefix = unique_prefix()
+    try:
+        yield {"SESSIONBUS_AMQP_URL": AMQP_URL, "SESSIONBUS_BUS_KEY_FILE": str(key_file),
+               "SESSIONBUS_PREFIX": prefix}
+    finally:
+        delete_topology(prefix, [f"{prefix}.{q}" for q in queues])
+
+
 def revoke(env: dict[str, str], session_id: bytes) -> subprocess.CompletedProcess[str]:
     """``sessionbus revoke`` of one session, as an operator runs it."""
     return subprocess.run(

@@ -38,9 +38,15 @@ from consumer.replicator import Replicator, ReplicatorSettings
 from producer.outbox import Outbox
 from schemas.broker import BrokerSettings, connect
 from schemas.events import RemoveReason
-from schemas.sealing import load_bus_keys, write_new_key_file
+from schemas.sealing import load_bus_keys
 from schemas.topology import Topology, declare_core
-from tests.farm_support import AMQP_URL, REPO, Proc, Processes, delete_topology, unique_prefix
+from tests.farm_support import (
+    AMQP_URL,
+    REPO,
+    Proc,
+    Processes,
+    bus_env,
+)
 from tests.helpers_der import make_session_der
 
 CTX = b"sessionbus-test"
@@ -107,15 +113,8 @@ def start_replica(procs: Processes, env: dict[str, str], out: Path) -> Proc:
 
 @pytest.fixture
 def env(tmp_path: Path) -> Iterator[dict[str, str]]:
-    key_file = tmp_path / "bus.key"
-    write_new_key_file(key_file)
-    prefix = unique_prefix()
-    e = {"SESSIONBUS_AMQP_URL": AMQP_URL, "SESSIONBUS_BUS_KEY_FILE": str(key_file),
-         "SESSIONBUS_PREFIX": prefix, "SB_TEST_RECORD": str(tmp_path / "record.jsonl")}
-    try:
-        yield e
-    finally:
-        delete_topology(prefix, [f"{prefix}.consumer.recorder", f"{prefix}.replica.{REPLICA}"])
+    with bus_env(tmp_path, "consumer.recorder", f"replica.{REPLICA}") as e:
+        yield {**e, "SB_TEST_RECORD": str(tmp_path / "record.jsonl")}
 
 
 def replica_state(path: Path) -> set[bytes]:

@@ -20,9 +20,9 @@ from examples.resumptions_per_origin import consumer as example_consumer
 from producer.outbox import Outbox
 from schemas.broker import BrokerSettings, connect
 from schemas.events import EventType, RemoveReason, SessionEvent
-from schemas.sealing import load_bus_keys, write_new_key_file
+from schemas.sealing import load_bus_keys
 from schemas.topology import Topology, declare_core
-from tests.farm_support import AMQP_URL, Processes, delete_topology, unique_prefix
+from tests.farm_support import AMQP_URL, Processes, bus_env
 from tests.helpers_der import make_session_der
 
 CTX = b"sessionbus"
@@ -30,15 +30,8 @@ CTX = b"sessionbus"
 
 @pytest.fixture
 def env(tmp_path: Path) -> Iterator[dict[str, str]]:
-    key_file = tmp_path / "bus.key"
-    write_new_key_file(key_file)
-    prefix = unique_prefix()
-    e = {"SESSIONBUS_AMQP_URL": AMQP_URL, "SESSIONBUS_BUS_KEY_FILE": str(key_file),
-         "SESSIONBUS_PREFIX": prefix, "SB_TEST_RECORD": str(tmp_path / "record.jsonl")}
-    try:
-        yield e
-    finally:
-        delete_topology(prefix, [f"{prefix}.consumer.recorder"])
+    with bus_env(tmp_path, "consumer.recorder") as e:
+        yield {**e, "SB_TEST_RECORD": str(tmp_path / "record.jsonl")}
 
 
 def publish_lifecycles(env: dict[str, str], sessions: int) -> list[tuple[str, str, int]]:
