@@ -46,12 +46,6 @@ class RequestStats(Collector):
         self.buckets[protocol][bisect.bisect_left(self.bounds, seconds)] += 1
         self.sums[protocol] += seconds
 
-    def requests_total(self, protocol: str, command: str, result: str) -> int:
-        return self.requests.get((protocol, command, result), 0)
-
-    def observed(self, protocol: str) -> int:
-        return sum(self.buckets.get(protocol, ()))
-
     def describe(self) -> Iterable[Metric]:
         return [
             CounterMetricFamily(self._requests_name, "", labels=["protocol", "command", "result"]),
