@@ -68,7 +68,7 @@ import struct
 import time
 from array import array
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from typing import NamedTuple
 
 __all__ = ["CachedSession", "PeerCache"]
 
@@ -91,9 +91,8 @@ _HITS_SIZE = 1 << 16  # ring of hits get() logs for _promote (256 KB)
 _HITS_MASK = _HITS_SIZE - 1
 
 
-@dataclass(frozen=True, slots=True)
-class CachedSession:
-    """One session as ``PeerCache.get`` returns it."""
+class CachedSession(NamedTuple):
+    """One session as ``PeerCache.get`` returns it (immutable)."""
 
     der: bytes  # serialized SSL_SESSION
     expires: float  # unix seconds
@@ -102,15 +101,9 @@ class CachedSession:
     event_time: float  # when the origin saw it
 
 
-# get() builds CachedSession through the slot descriptors: the frozen dataclass __init__ goes
-# through object.__setattr__ per field and costs twice as much. The result is an ordinary,
-# fully initialised instance (equality, hashing and immutability are unchanged).
-_NEW = object.__new__
-_SET_DER: Callable[[CachedSession, bytes], None] = CachedSession.__dict__["der"].__set__
-_SET_EXPIRES: Callable[[CachedSession, float], None] = CachedSession.__dict__["expires"].__set__
-_SET_ORIGIN: Callable[[CachedSession, str], None] = CachedSession.__dict__["origin"].__set__
-_SET_CTX: Callable[[CachedSession, bytes], None] = CachedSession.__dict__["sid_ctx"].__set__
-_SET_EVENT: Callable[[CachedSession, float], None] = CachedSession.__dict__["event_time"].__set__
+# get() builds CachedSession with tuple.__new__: one C call, where NamedTuple's own __new__ is a
+# Python function and a frozen dataclass's __init__ goes through object.__setattr__ per field.
+_NEW = tuple.__new__
 
 
 class PeerCache:
@@ -223,13 +216,9 @@ class PeerCache:
         n_hits = self._nhits  # log the hit; the next _promote() makes it most recent
         self._hits[n_hits & _HITS_MASK] = e
         self._nhits = n_hits + 1
-        s: CachedSession = _NEW(CachedSession)
-        _SET_DER(s, rec[_SID_OFF + n :])
-        _SET_EXPIRES(s, expires)
-        _SET_ORIGIN(s, self._origins[oi])
-        _SET_CTX(s, self._ctxs[ci])
-        _SET_EVENT(s, event_time)
-        return s
+        return _NEW(CachedSession, (
+            rec[_SID_OFF + n :], expires, self._origins[oi], self._ctxs[ci], event_time
+        ))
 
     def items(self) -> Iterator[tuple[bytes, CachedSession]]:
         """A snapshot of the unexpired sessions, least recently used first. No LRU touch."""
