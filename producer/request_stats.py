@@ -41,6 +41,15 @@ class RequestStats(Collector):
         key = (protocol, command, result)
         self.requests[key] = self.requests.get(key, 0) + 1
 
+    def record(self, key: tuple[str, str, str], seconds: float) -> None:
+        """Count one request (``key``: protocol, command, result) and record its duration, in
+        one call (the front's hot path); ``precreate(protocol)`` must have run."""
+        requests = self.requests
+        requests[key] = requests.get(key, 0) + 1
+        protocol = key[0]
+        self.buckets[protocol][bisect.bisect_left(self.bounds, seconds)] += 1
+        self.sums[protocol] += seconds
+
     def observe(self, protocol: str, seconds: float) -> None:
         """Record one request's duration; ``precreate(protocol)`` must have run."""
         self.buckets[protocol][bisect.bisect_left(self.bounds, seconds)] += 1

@@ -546,6 +546,7 @@ async def test_metrics_count_requests_and_connections(front: Front, clients: Any
         return value or 0.0
 
     hits, misses = count("get", "hit"), count("get", "miss")
+    stored, deleted = count("set", "stored"), count("delete", "deleted")
     observed_before = REGISTRY.get_sample_value(
         "sessionbus_cache_request_duration_seconds_count", {"protocol": "memcache"}
     ) or 0.0
@@ -553,13 +554,18 @@ async def test_metrics_count_requests_and_connections(front: Front, clients: Any
     c = await clients(front.mc_port)
     der = tls_session()
     await c.ask(mc_set(mc_key(der), der))
-    await c.ask(b"get " + mc_key(der) + b" nope\r\n", b"END\r\n")
+    await c.ask(b"get " + mc_key(der) + b" nope\r\n", b"END\r\n")  # several keys
     assert count("get", "hit") == hits + 1 and count("get", "miss") == misses + 1
+    await c.ask(b"get " + mc_key(der) + b"\r\n", b"END\r\n")  # one key, as httpd asks
+    await c.ask(b"get nope\r\n", b"END\r\n")
+    assert count("get", "hit") == hits + 2 and count("get", "miss") == misses + 2
+    assert await c.ask(b"delete " + mc_key(der) + b" 0\r\n") == b"DELETED\r\n"
+    assert count("set", "stored") == stored + 1 and count("delete", "deleted") == deleted + 1
     assert metrics.CACHE_CONNECTIONS._value.get() == before + 1
     observed = REGISTRY.get_sample_value(
         "sessionbus_cache_request_duration_seconds_count", {"protocol": "memcache"}
     )
-    assert observed is not None and observed >= observed_before + 2
+    assert observed is not None and observed >= observed_before + 5
     inf = REGISTRY.get_sample_value(
         "sessionbus_cache_request_duration_seconds_bucket", {"protocol": "memcache", "le": "+Inf"}
     )

@@ -43,3 +43,21 @@ def test_requests_by_label_and_precreated_zeros() -> None:
     assert value("get", "hit") == 2
     assert value("get", "miss") == 0
     assert value("ping", "ok") == 1
+
+
+def test_record_is_count_and_observe_in_one_call() -> None:
+    one, two = CollectorRegistry(), CollectorRegistry()
+    a = RequestStats("z_requests_total", "z_duration_seconds", BUCKETS)
+    b = RequestStats("z_requests_total", "z_duration_seconds", BUCKETS)
+    one.register(a)
+    two.register(b)
+    for stats in (a, b):
+        stats.precreate("memcache", [("get", "hit")])
+    for command, result, seconds in (("get", "hit", 0.0002), ("set", "stored", 0.003),
+                                     ("get", "hit", 0.00001)):
+        a.record(("memcache", command, result), seconds)
+        b.count("memcache", command, result)
+        b.observe("memcache", seconds)
+    assert generate_latest(one) == generate_latest(two)
+    assert one.get_sample_value("z_requests_total",
+                                {"protocol": "memcache", "command": "get", "result": "hit"}) == 2
