@@ -270,7 +270,8 @@ class CacheConnection:
                 if n < len(data):
                     self._unwritten += memoryview(data)[n:]
                     self._loop.add_writer(self._fd, self._on_writable)
-            if len(self._unwritten) > self.limits.max_unwritten and self._reading:
+            unwritten = self._unwritten
+            if unwritten and len(unwritten) > self.limits.max_unwritten and self._reading:
                 self._stop_reading()
         if self.closing:
             self._buf = bytearray()

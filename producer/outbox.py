@@ -76,6 +76,7 @@ class Outbox:
         self._keys = keys
         self._s = settings
         self._queues: dict[EventType, deque[list[Any]]] = {t: deque() for t in _PRIORITY}
+        self._gets = self._queues[EventType.GET]
         self._depth = 0
         self._seq = 0
         self._batches = 0
@@ -98,34 +99,44 @@ class Outbox:
 
     def put_new(self, session_id: bytes, sid_ctx: bytes, expires: float, der: bytes,
                 opaque: bool = False) -> None:
-        self._put(EventType.NEW, [session_id, sid_ctx, expires, der, opaque])
+        self._put(EventType.NEW, session_id, [sid_ctx, expires, der, opaque])
 
     def put_get(self, session_id: bytes, sid_ctx: bytes, expires: float, hit: bool,
                 session_origin: str | None) -> None:
-        self._put(EventType.GET, [session_id, sid_ctx, expires, hit, session_origin or ""])
+        # _put written out for GET: a cache front calls this on every get.
+        if self._depth >= self._s.capacity and not self._make_room(EventType.GET):
+            return
+        self._seq += 1
+        gets = self._gets
+        gets.append([self._seq, time.time(), session_id, sid_ctx, expires, hit,
+                     session_origin or ""])
+        self._depth += 1
+        # An event joining held events changes nothing for the publisher until the batch is
+        # full: waking it per event (a timer and a task each time) cost a cache front more CPU
+        # than answering the request.
+        if self._depth == 1:
+            self._idle.clear()  # set only while empty (see run), so only from empty
+            self._wake.set()
+        elif len(gets) >= self._s.get_batch_max:
+            self._wake.set()
 
     def put_remove(self, session_id: bytes, sid_ctx: bytes, expires: float,
                    reason: RemoveReason) -> None:
-        self._put(EventType.REMOVE, [session_id, sid_ctx, expires, reason.value])
+        self._put(EventType.REMOVE, session_id, [sid_ctx, expires, reason.value])
 
-    def _put(self, type_: EventType, tail: list[Any]) -> None:
+    def _put(self, type_: EventType, session_id: bytes, tail: list[Any]) -> None:
+        """Queue a NEW or REMOVE (``tail``: the row after seq, time and id)."""
         if self._depth >= self._s.capacity and not self._make_room(type_):
             return
         self._seq += 1
         q = self._queues[type_]
-        q.append([self._seq, time.time(), *tail])
+        q.append([self._seq, time.time(), session_id, *tail])
         self._depth += 1
-        # An event joining events that are being held changes nothing for the publisher until
-        # the batch is full: waking it per event (a timer and a task each time) cost a cache
-        # front more CPU than answering the request.
-        if type_ is EventType.GET:
-            wake = self._depth == 1 or len(q) >= self._s.get_batch_max
-        else:
-            # from empty, its slot may be due now; later events share that slot
-            wake = not self._s.min_interval or len(q) == 1 or len(q) >= self._s.batch_max
-        if wake:
+        if self._depth == 1:
+            self._idle.clear()
+        # from empty, its slot may be due now; later events share that slot
+        if not self._s.min_interval or len(q) == 1 or len(q) >= self._s.batch_max:
             self._wake.set()
-        self._idle.clear()
 
     def _make_room(self, incoming: EventType) -> bool:
         """Drop one queued event for ``incoming``, or refuse it. Statistics go first, then
