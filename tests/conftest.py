@@ -8,13 +8,17 @@ itself with ``pytest.mark.broker`` too.
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import shutil
+import signal
 import subprocess
+import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Generator
 from pathlib import Path
+from types import FrameType
 
 import pytest
 from aio_pika.abc import AbstractRobustConnection
@@ -38,6 +42,45 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if _BROKER_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.broker)
+
+
+# --- a deadline per test ----------------------------------------------------------------------
+# A test stuck on a broker that stopped answering must fail, not hold CI until its job limit.
+# At the deadline SIGALRM raises in the test (its fixtures still tear down and stop what they
+# started); if it is still stuck GRACE seconds later, every thread's stack is printed and the run
+# exits, so the log says where it hung.
+
+DEFAULT_DEADLINE = 240.0  # seconds for setup + call + teardown, unless marked deadline(s)
+GRACE = 60.0
+
+
+class TestDeadline(BaseException):
+    """Raised in a test that ran past its deadline (BaseException: no ``except Exception``
+    in the code under test swallows it)."""
+
+
+def _deadline_of(item: pytest.Item) -> float:
+    marker = item.get_closest_marker("deadline")
+    return float(marker.args[0]) if marker is not None else DEFAULT_DEADLINE
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item) -> Generator[None, None, None]:
+    seconds = _deadline_of(item)
+
+    def expired(_signum: int, _frame: FrameType | None) -> None:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        raise TestDeadline(f"{item.nodeid} ran past its deadline of {seconds:.0f} s")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    faulthandler.dump_traceback_later(seconds + GRACE, exit=True, file=sys.stderr)
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 # --- bus keys ---------------------------------------------------------------------------------
