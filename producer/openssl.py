@@ -369,8 +369,10 @@ def _set_callbacks(ptr: Any, names: list[str], on: _Hooks | None) -> None:
 
 
 def _release(addr: int) -> None:
-    with _hooks_lock:
-        hooks = _installed.pop(addr, None)
+    # No _hooks_lock here: a context in a reference cycle is freed by the cyclic GC, which can
+    # run inside this module's own locked sections (any allocation there), and the lock is not
+    # reentrant. dict.pop is atomic, and nothing else touches a dead context's entry.
+    hooks = _installed.pop(addr, None)
     if hooks is not None:
         _set_callbacks(hooks.ptr, list(hooks.live), None)
 

@@ -470,6 +470,29 @@ def test_collected_context_releases_its_callbacks() -> None:
     assert len(openssl._installed) == count - 1
 
 
+def test_a_context_collected_inside_the_modules_own_lock_does_not_deadlock() -> None:
+    """A context in a reference cycle is freed by the cyclic GC, which runs at whatever
+    allocation triggers it: also one inside the module's locked sections (installing hooks on
+    another context). Its finalizer must not wait for that lock."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    openssl.install_session_cache(ctx, NodeHooks("gc", Store()), sid_ctx=SID_CTX, timeout=60)
+    ctx.cycle = ctx  # type: ignore[attr-defined]  # only the cyclic GC can free it
+    count = len(openssl._installed)
+    del ctx
+    released = threading.Event()
+
+    def collect_as_an_install_would() -> None:
+        with openssl._hooks_lock:  # where install_session_cache allocates its callbacks
+            gc.collect()
+        released.set()
+
+    # A thread, so a deadlock fails this test instead of hanging the run; if it does deadlock,
+    # the thread keeps the lock and later installs in this process hang too.
+    threading.Thread(target=collect_as_an_install_would, daemon=True).start()
+    assert released.wait(10), "the finalizer deadlocked on the hooks lock"
+    assert len(openssl._installed) == count - 1
+
+
 def test_uninstall(cert: tuple[str, str], nodes: list[Node]) -> None:
     store = Store()
     ctx = server_ctx(cert, TLS12, stateful=True)
