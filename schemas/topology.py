@@ -165,10 +165,14 @@ async def declare_replica_queue(
     return queue
 
 
-async def delete_all(channel: AbstractChannel, topo: Topology, queues: list[str]) -> None:
-    """Remove what ``declare_core`` (and the given extra queues) made: for tests and teardown."""
+async def delete_all(
+    channel: AbstractChannel, topo: Topology, queues: list[str], timeout: float = 30.0
+) -> None:
+    """Remove what ``declare_core`` (and the given extra queues) made: for tests and teardown.
+    Each deletion is bounded by ``timeout`` seconds (TimeoutError): a teardown never hangs on a
+    broker that stopped answering."""
     exchanges, fixed = topo.all_names()
     for q in [*queues, *fixed, topo.keys_lock_queue]:
-        await channel.queue_delete(q)
+        await channel.queue_delete(q, timeout=timeout)
     for x in exchanges:
-        await channel.exchange_delete(x)
+        await channel.exchange_delete(x, timeout=timeout)

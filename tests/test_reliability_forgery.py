@@ -171,7 +171,7 @@ async def publish(prefix: str, messages: list[tuple[str, bytes, dict[str, Any]]]
         x = await ch.get_exchange(Topology(prefix=prefix).sessions_exchange)
         for key, body, headers in messages:
             await x.publish(aio_pika.Message(body, headers=headers, content_type=CONTENT_TYPE),
-                            key, mandatory=True)
+                            key, mandatory=True, timeout=10)
     finally:
         await conn.close()
 
