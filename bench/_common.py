@@ -17,7 +17,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from sessionbus.farm import self_signed
+from sessionbus.cli.local_farm import self_signed
 
 REPO = Path(__file__).resolve().parent.parent
 AMQP_URL = os.environ.get(
@@ -273,9 +273,9 @@ def cpu_seconds(pid: int) -> float:
 
 
 def delete_topology(prefix: str, queues: list[str]) -> None:
-    """Delete every exchange and queue of a run (``schemas.topology.delete_all``)."""
-    from schemas.broker import BrokerSettings, connect
-    from schemas.topology import Topology, delete_all
+    """Delete every exchange and queue of a run (``sessionbus.bus.topology.delete_all``)."""
+    from sessionbus.bus.connection import BrokerSettings, connect
+    from sessionbus.bus.topology import Topology, delete_all
 
     async def go() -> None:
         conn = await connect(BrokerSettings(url=AMQP_URL, name="sessionbus bench cleanup"))
@@ -290,7 +290,7 @@ def delete_topology(prefix: str, queues: list[str]) -> None:
 
 @contextlib.contextmanager
 def bus_key_file(directory: Path) -> Iterator[Path]:
-    from schemas.sealing import write_new_key_file
+    from sessionbus.schemas.sealing import write_new_key_file
 
     path = directory / "bus.key"
     write_new_key_file(path)

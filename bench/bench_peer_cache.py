@@ -1,4 +1,4 @@
-"""Benchmark of consumer.peer_cache.PeerCache against the performance targets.
+"""Benchmark of sessionbus.consumer.peer_cache.PeerCache against the performance targets.
 
 Targets (the project's performance issue): replica memory per session <= 2x the DER size; get()
 hit <= 2 us; put() > 500,000/s.
@@ -34,7 +34,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from consumer.peer_cache import CachedSession, PeerCache
+from sessionbus.consumer.peer_cache import CachedSession, PeerCache
 
 # Speed is timed in CPU time of this process: other load on a shared machine then inflates the
 # figures less than wall-clock time would (it still costs cache misses).

@@ -156,12 +156,12 @@ async def _commands(rec: _Recorder) -> None:
 
 
 async def _child_sessionbus(prefix: str, key_file: str) -> None:
-    from consumer.peer_cache import PeerCache
-    from consumer.replicator import Replicator, ReplicatorSettings
-    from schemas.broker import BrokerSettings, connect
-    from schemas.codec import DecodedBatch
-    from schemas.sealing import load_bus_keys
-    from schemas.topology import Topology, declare_core
+    from sessionbus.bus.connection import BrokerSettings, connect
+    from sessionbus.bus.topology import Topology, declare_core
+    from sessionbus.consumer.peer_cache import PeerCache
+    from sessionbus.consumer.replicator import Replicator, ReplicatorSettings
+    from sessionbus.schemas.codec import DecodedBatch
+    from sessionbus.schemas.sealing import load_bus_keys
 
     rec = _Recorder()
 
@@ -267,10 +267,10 @@ class _Remote:
 
 async def _sessionbus_runs(prefix: str, key_file: Path, remote: _Remote,
                            sizes: dict[str, float]) -> dict[str, Any]:
-    from producer.outbox import Outbox
-    from schemas.broker import BrokerSettings, connect
-    from schemas.sealing import load_bus_keys
-    from schemas.topology import Topology
+    from sessionbus.bus.connection import BrokerSettings, connect
+    from sessionbus.bus.topology import Topology
+    from sessionbus.producer.outbox import Outbox
+    from sessionbus.schemas.sealing import load_bus_keys
 
     conn = await connect(BrokerSettings(url=AMQP_URL, name="sessionbus bench producer"))
     outbox = Outbox(ORIGIN, Topology(prefix=prefix), load_bus_keys(key_file))

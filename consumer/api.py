@@ -1,6 +1,6 @@
 """What users write: a ``Consumer`` — an async handler subscribed to chosen events.
 
-    from consumer.api import Consumer, EventType, SessionEvent
+    from sessionbus.consumer.api import Consumer, EventType, SessionEvent
 
     async def handle(event: SessionEvent) -> None:
         ...
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 
-from schemas.events import SESSION_EVENT_TYPES, EventType, SessionEvent
+from sessionbus.schemas.events import SESSION_EVENT_TYPES, EventType, SessionEvent
 
 __all__ = ["Consumer", "EventType", "SessionEvent", "Source"]
 

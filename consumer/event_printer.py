@@ -6,8 +6,8 @@ import json
 import sys
 from typing import Any, TextIO
 
-from consumer.api import Consumer, Source
-from schemas.events import EventType, SessionEvent
+from sessionbus.consumer.api import Consumer, Source
+from sessionbus.schemas.events import EventType, SessionEvent
 
 
 def event_json(event: SessionEvent) -> dict[str, Any]:

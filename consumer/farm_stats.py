@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from prometheus_client import Counter
 
-from consumer.api import Consumer, Source
-from schemas.events import EventType, SessionEvent
+from sessionbus.consumer.api import Consumer, Source
+from sessionbus.schemas.events import EventType, SessionEvent
 
 FARM_LOOKUPS = Counter(
     "sessionbus_farm_lookups_total",

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
-from schemas.errors import Reason
-from schemas.events import SESSION_EVENT_TYPES
+from sessionbus.schemas.errors import Reason
+from sessionbus.schemas.events import SESSION_EVENT_TYPES
 
 # Sub-millisecond buckets: replication inside one data centre should be well under 1 ms.
 LAG_BUCKETS = (

@@ -23,13 +23,20 @@ from typing import Any
 
 from aio_pika.abc import AbstractChannel, AbstractQueue, AbstractRobustConnection
 
-from consumer import metrics
-from consumer.peer_cache import PeerCache
-from consumer.subscription import QueueSource, StreamSource, Subscription
-from schemas.codec import DEFAULT_LIMITS, H_ORIGIN, H_TYPE, DecodedBatch, Limits, decode_batch
-from schemas.events import EventType
-from schemas.sealing import BusKeys
-from schemas.topology import Topology, declare_replica_queue
+from sessionbus.bus.topology import Topology, declare_replica_queue
+from sessionbus.consumer import metrics
+from sessionbus.consumer.peer_cache import PeerCache
+from sessionbus.consumer.subscription import QueueSource, StreamSource, Subscription
+from sessionbus.schemas.codec import (
+    DEFAULT_LIMITS,
+    H_ORIGIN,
+    H_TYPE,
+    DecodedBatch,
+    Limits,
+    decode_batch,
+)
+from sessionbus.schemas.events import EventType
+from sessionbus.schemas.sealing import BusKeys
 
 log = logging.getLogger(__name__)
 

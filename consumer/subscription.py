@@ -35,10 +35,10 @@ from aio_pika.abc import (
     AbstractRobustQueue,
 )
 
-from consumer import metrics
-from schemas.codec import H_REASON, DecodedBatch
-from schemas.errors import EnvelopeError, Reason
-from schemas.topology import Topology
+from sessionbus.bus.topology import Topology
+from sessionbus.consumer import metrics
+from sessionbus.schemas.codec import H_REASON, DecodedBatch
+from sessionbus.schemas.errors import EnvelopeError, Reason
 
 log = logging.getLogger(__name__)
 

@@ -13,13 +13,13 @@ from typing import Any
 
 from aio_pika.abc import AbstractChannel, AbstractQueue, AbstractRobustConnection
 
-from consumer import metrics
-from consumer.api import Consumer, Source
-from consumer.subscription import QueueSource, StreamSource, Subscription
-from schemas.codec import DecodedBatch, decode_batch
-from schemas.errors import Reason
-from schemas.sealing import BusKeys
-from schemas.topology import Topology, binding_keys
+from sessionbus.bus.topology import Topology, binding_keys
+from sessionbus.consumer import metrics
+from sessionbus.consumer.api import Consumer, Source
+from sessionbus.consumer.subscription import QueueSource, StreamSource, Subscription
+from sessionbus.schemas.codec import DecodedBatch, decode_batch
+from sessionbus.schemas.errors import Reason
+from sessionbus.schemas.sealing import BusKeys
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ def load_consumer(spec: str) -> Consumer:
         raise ImportStringError(f"cannot import {module_name}: {exc}") from None
     obj = getattr(module, attr, None)
     if not isinstance(obj, Consumer):
-        raise ImportStringError(f"{spec} is not a consumer.api.Consumer")
+        raise ImportStringError(f"{spec} is not a sessionbus.consumer.api.Consumer")
     return obj
 
 

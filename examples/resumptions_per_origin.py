@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter
 
-from consumer.api import Consumer, EventType, SessionEvent
+from sessionbus.consumer.api import Consumer, EventType, SessionEvent
 
 RESUMPTIONS = Counter(
     "sessionbus_example_resumptions_total",

@@ -1,15 +1,15 @@
 """Prometheus metrics of the producer side: TLS nodes, the outbox, the cache front, key publisher.
 
-Shared ones (broker connection, replica, ticket-key age) live in ``consumer.metrics``.
+Shared ones (broker connection, replica, ticket-key age) live in ``sessionbus.consumer.metrics``.
 """
 
 from __future__ import annotations
 
 from prometheus_client import REGISTRY, Counter, Gauge
 
-from consumer.metrics import LAG_BUCKETS
-from producer.request_stats import RequestStats
-from schemas.events import SESSION_EVENT_TYPES
+from sessionbus.consumer.metrics import LAG_BUCKETS
+from sessionbus.schemas.events import SESSION_EVENT_TYPES
+from sessionbus.servers.cache.request_stats import RequestStats
 
 HANDSHAKES = Counter("sessionbus_handshakes_total", "Completed TLS handshakes", ["kind"])
 LOOKUPS = Counter(

@@ -17,15 +17,15 @@ from enum import StrEnum
 
 from aio_pika.abc import AbstractRobustConnection
 
-from consumer.key_follower import KeyFollower
-from producer import metrics, openssl
-from producer.bus_member import BusMember
-from producer.outbox import OutboxSettings
-from producer.session_hooks import SessionHooks
-from producer.ticket_hooks import RingTicketKeys
-from schemas.broker import BrokerSettings, retry
-from schemas.sealing import BusKeys
-from schemas.topology import Topology
+from sessionbus.bus.connection import BrokerSettings, retry
+from sessionbus.bus.topology import Topology
+from sessionbus.consumer.local_sessions import BusMember
+from sessionbus.keys.follower import KeyFollower
+from sessionbus.producer import metrics, openssl
+from sessionbus.producer.outbox import OutboxSettings
+from sessionbus.producer.session_hooks import SessionHooks
+from sessionbus.producer.ticket_hooks import RingTicketKeys
+from sessionbus.schemas.sealing import BusKeys
 
 log = logging.getLogger(__name__)
 

@@ -24,11 +24,11 @@ from typing import Any
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
 
-from producer import metrics
-from schemas.codec import CONTENT_TYPE, encode_rows
-from schemas.events import EventType, RemoveReason
-from schemas.sealing import BusKeys
-from schemas.topology import Topology, declare_core, session_routing_key
+from sessionbus.bus.topology import Topology, declare_core, session_routing_key
+from sessionbus.producer import metrics
+from sessionbus.schemas.codec import CONTENT_TYPE, encode_rows
+from sessionbus.schemas.events import EventType, RemoveReason
+from sessionbus.schemas.sealing import BusKeys
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class OutboxSettings:
     # so the CPU publishing costs stays bounded whatever the session rate. A cache front shares
     # its core with the server it serves and uses 50 ms.
     min_interval: float = 0.0
-    # Session bytes per message, well under receivers' limit (schemas.codec.Limits, 1 MiB).
+    # Session bytes per message, well under receivers' limit (codec.Limits, 1 MiB).
     batch_bytes: int = 512 * 1024
     in_flight: int = 8  # batches awaiting confirms at once
     publish_timeout: float = 10.0

@@ -14,18 +14,18 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 
-from consumer.peer_cache import PeerCache
-from producer import metrics
-from producer.outbox import Outbox
-from schemas.events import RemoveReason
-from schemas.session_der import DerError, parse_session
+from sessionbus.consumer.peer_cache import PeerCache
+from sessionbus.producer import metrics
+from sessionbus.producer.outbox import Outbox
+from sessionbus.schemas.events import RemoveReason
+from sessionbus.schemas.session_der import DerError, parse_session
 
 _MARKS = 4096
 _TLS1_3 = 0x0304  # sessions OpenSSL invalidated recently, waiting for their connection's verdict
 
 
 class SessionHooks:
-    """Implements ``producer.openssl.SessionCallbacks`` for one node."""
+    """Implements ``sessionbus.producer.openssl.SessionCallbacks`` for one node."""
 
     def __init__(
         self, node_id: str, sid_ctx: bytes, cache: PeerCache, outbox: Outbox | None,

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import time
 
-from producer import metrics
-from schemas.ticket_keys import KeyRing
+from sessionbus.producer import metrics
+from sessionbus.schemas.ticket_keys import KeyRing
 
 
 class RingTicketKeys:

@@ -16,8 +16,8 @@ from typing import Any
 
 import msgpack
 
-from schemas.errors import EnvelopeError, Reason
-from schemas.events import (
+from sessionbus.schemas.errors import EnvelopeError, Reason
+from sessionbus.schemas.events import (
     MAX_SESSION_ID,
     MAX_SID_CTX,
     SCHEMA_VERSION,
@@ -28,9 +28,9 @@ from schemas.events import (
     SessionEvent,
     valid_node_id,
 )
-from schemas.sealing import BusKeys
-from schemas.session_der import DerError, parse_session
-from schemas.ticket_keys import KeyRing, TicketKey
+from sessionbus.schemas.sealing import BusKeys
+from sessionbus.schemas.session_der import DerError, parse_session
+from sessionbus.schemas.ticket_keys import KeyRing, TicketKey
 
 CONTENT_TYPE = "application/vnd.msgpack"
 H_VERSION = "sessionbus-version"

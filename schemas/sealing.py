@@ -24,7 +24,7 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from schemas.errors import EnvelopeError, Reason
+from sessionbus.schemas.errors import EnvelopeError, Reason
 
 KEY_SIZE = 32
 KEY_ID_SIZE = 4

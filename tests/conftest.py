@@ -23,9 +23,9 @@ from types import FrameType
 import pytest
 from aio_pika.abc import AbstractRobustConnection
 
-from schemas.broker import BrokerSettings, connect
-from schemas.sealing import BusKeys, new_key
-from schemas.topology import Topology, delete_all
+from sessionbus.bus.connection import BrokerSettings, connect
+from sessionbus.bus.topology import Topology, delete_all
+from sessionbus.schemas.sealing import BusKeys, new_key
 from tests.helpers_der import make_session_der
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
@@ -107,7 +107,7 @@ def session_der() -> SessionDerFactory:
 
     ``session_der(session_id=None, sid_ctx=TEST_SID_CTX, time=None, timeout=300)``: a random
     32-byte id unless given, ``time`` defaults to now. Parse the id back with
-    ``schemas.session_der.parse_session`` when you let it pick one.
+    ``sessionbus.schemas.session_der.parse_session`` when you let it pick one.
     """
 
     def make(
@@ -156,7 +156,7 @@ def amqp_url() -> str:
 
 @pytest.fixture
 async def connection(amqp_url: str) -> AsyncIterator[AbstractRobustConnection]:
-    """A robust connection (``schemas.broker.connect``), closed at teardown."""
+    """A robust connection (``sessionbus.bus.connection.connect``), closed at teardown."""
     conn = await connect(BrokerSettings(url=amqp_url, name="sessionbus-tests"))
     try:
         yield conn

@@ -6,7 +6,7 @@ import asyncio
 import json
 import os
 
-from consumer.api import Consumer, EventType, SessionEvent
+from sessionbus.consumer.api import Consumer, EventType, SessionEvent
 
 _out = None
 

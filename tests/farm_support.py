@@ -18,10 +18,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from schemas.broker import BrokerSettings, connect
-from schemas.sealing import write_new_key_file
-from schemas.topology import Topology, delete_all
-from sessionbus.farm import self_signed
+from sessionbus.bus.connection import BrokerSettings, connect
+from sessionbus.bus.topology import Topology, delete_all
+from sessionbus.cli.local_farm import self_signed
+from sessionbus.schemas.sealing import write_new_key_file
 
 AMQP_URL = os.environ.get("SESSIONBUS_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 REPO = Path(__file__).resolve().parent.parent

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from schemas.broker import BrokerSettings, connect
+from sessionbus.bus.connection import BrokerSettings, connect
 
 pytestmark = pytest.mark.broker
 

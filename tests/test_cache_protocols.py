@@ -20,16 +20,16 @@ from typing import Any
 import pytest
 from prometheus_client import REGISTRY
 
-from consumer.peer_cache import PeerCache
-from producer import metrics
-from producer.cache_connection import FrontLimits
-from producer.cache_front import CacheFront, CacheSettings
-from producer.cache_store import OPAQUE_SID_CTX, Store
-from schemas.broker import BrokerSettings
-from schemas.events import RemoveReason
-from schemas.sealing import BusKeys, new_key
-from schemas.session_der import parse_session
-from schemas.topology import Topology
+from sessionbus.bus.connection import BrokerSettings
+from sessionbus.bus.topology import Topology
+from sessionbus.consumer.peer_cache import PeerCache
+from sessionbus.producer import metrics
+from sessionbus.schemas.events import RemoveReason
+from sessionbus.schemas.sealing import BusKeys, new_key
+from sessionbus.schemas.session_der import parse_session
+from sessionbus.servers.cache.connection import FrontLimits
+from sessionbus.servers.cache.front import CacheFront, CacheSettings
+from sessionbus.servers.cache.store import OPAQUE_SID_CTX, Store
 from tests.conftest import TEST_SID_CTX
 from tests.helpers_der import make_session_der
 

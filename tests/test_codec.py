@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from schemas.codec import (
+from sessionbus.schemas.codec import (
     H_ORIGIN,
     H_TYPE,
     H_VERSION,
@@ -30,8 +30,8 @@ from schemas.codec import (
     encode_rows,
     event_row,
 )
-from schemas.errors import EnvelopeError, Reason
-from schemas.events import (
+from sessionbus.schemas.errors import EnvelopeError, Reason
+from sessionbus.schemas.events import (
     MAX_SESSION_ID,
     MAX_SID_CTX,
     SCHEMA_VERSION,
@@ -41,7 +41,7 @@ from schemas.events import (
     RemoveReason,
     SessionEvent,
 )
-from schemas.sealing import (
+from sessionbus.schemas.sealing import (
     KEY_ID_SIZE,
     NONCE_SIZE,
     SEAL_OVERHEAD,
@@ -54,8 +54,8 @@ from schemas.sealing import (
     parse_key_file,
     write_new_key_file,
 )
-from schemas.session_der import DerError, parse_session
-from schemas.ticket_keys import KeyRing, KeyState, TicketKey
+from sessionbus.schemas.session_der import DerError, parse_session
+from sessionbus.schemas.ticket_keys import KeyRing, KeyState, TicketKey
 from tests.helpers_der import der_integer, explicit, make_session_der, octets, tlv
 
 T0 = 1_800_000_000.0  # "now" of every decode below

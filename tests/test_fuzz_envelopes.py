@@ -36,9 +36,10 @@ from hypothesis import strategies as st
 from prometheus_client import REGISTRY
 
 from bench.reliability_table import record
-from consumer.peer_cache import PeerCache
-from consumer.replicator import Replicator, ReplicatorSettings
-from schemas.codec import (
+from sessionbus.bus.topology import Topology, declare_core, session_routing_key
+from sessionbus.consumer.peer_cache import PeerCache
+from sessionbus.consumer.replicator import Replicator, ReplicatorSettings
+from sessionbus.schemas.codec import (
     CONTENT_TYPE,
     H_ORIGIN,
     H_REASON,
@@ -49,11 +50,10 @@ from schemas.codec import (
     decode_batch,
     encode_rows,
 )
-from schemas.errors import EnvelopeError, Reason
-from schemas.events import MAX_SESSION_ID, MAX_SID_CTX, EventType
-from schemas.sealing import KEY_ID_SIZE, BusKeys, new_key
-from schemas.session_der import parse_session
-from schemas.topology import Topology, declare_core, session_routing_key
+from sessionbus.schemas.errors import EnvelopeError, Reason
+from sessionbus.schemas.events import MAX_SESSION_ID, MAX_SID_CTX, EventType
+from sessionbus.schemas.sealing import KEY_ID_SIZE, BusKeys, new_key
+from sessionbus.schemas.session_der import parse_session
 from tests.helpers_der import make_session_der
 
 CTX = b"sessionbus-test"

@@ -1,4 +1,4 @@
-"""The ticket-key timeline (producer.key_ring): pure, no broker."""
+"""The ticket-key timeline (sessionbus.keys.ring): pure, no broker."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from producer.key_ring import (
+from sessionbus.keys.ring import (
     DEFAULT_ANNOUNCE_AHEAD,
     DEFAULT_KEEP,
     DEFAULT_ROTATE_EVERY,
@@ -18,9 +18,9 @@ from producer.key_ring import (
     advance,
     describe,
 )
-from schemas.codec import decode_key_ring, encode_key_ring
-from schemas.sealing import BusKeys
-from schemas.ticket_keys import KeyRing, KeyState, TicketKey
+from sessionbus.schemas.codec import decode_key_ring, encode_key_ring
+from sessionbus.schemas.sealing import BusKeys
+from sessionbus.schemas.ticket_keys import KeyRing, KeyState, TicketKey
 
 T0 = 1_800_000_000.0
 

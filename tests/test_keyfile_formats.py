@@ -9,8 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from consumer.atomic_files import UnsafeDirectoryError, check_private_dir, write_atomic
-from consumer.keyfile_formats import (
+from sessionbus.schemas.ticket_keys import KeyRing, KeyState, TicketKey
+from sessionbus.servers.keyfile.atomic_files import (
+    UnsafeDirectoryError,
+    check_private_dir,
+    write_atomic,
+)
+from sessionbus.servers.keyfile.formats import (
     ATS_FILE,
     HAPROXY_FILE,
     HTTPD_FILE,
@@ -20,7 +25,6 @@ from consumer.keyfile_formats import (
     render,
     slot_file_name,
 )
-from schemas.ticket_keys import KeyRing, KeyState, TicketKey
 
 NOW = 1_700_000_000.0
 

@@ -27,8 +27,13 @@ import pytest
 from aio_pika.abc import AbstractRobustConnection
 from prometheus_client import REGISTRY
 
-from consumer.atomic_files import UnsafeDirectoryError
-from consumer.keyfile import (
+from sessionbus.bus.topology import Topology, declare_core, declare_keys, key_routing_key
+from sessionbus.schemas.codec import CONTENT_TYPE, encode_key_ring
+from sessionbus.schemas.sealing import BusKeys, load_bus_keys, write_new_key_file
+from sessionbus.schemas.ticket_keys import KeyRing, TicketKey
+from sessionbus.servers.keyfile.atomic_files import UnsafeDirectoryError
+from sessionbus.servers.keyfile.formats import ATS_FILE, HAPROXY_FILE, KeyFileFormat, render
+from sessionbus.servers.keyfile.runner import (
     KeyfileRunner,
     KeyfileSettings,
     KeyFileWriter,
@@ -36,11 +41,6 @@ from consumer.keyfile import (
     haproxy_shift,
     run_command,
 )
-from consumer.keyfile_formats import ATS_FILE, HAPROXY_FILE, KeyFileFormat, render
-from schemas.codec import CONTENT_TYPE, encode_key_ring
-from schemas.sealing import BusKeys, load_bus_keys, write_new_key_file
-from schemas.ticket_keys import KeyRing, TicketKey
-from schemas.topology import Topology, declare_core, declare_keys, key_routing_key
 from tests.farm_support import AMQP_URL, Processes, delete_topology, free_port
 
 pytestmark = [pytest.mark.broker]

@@ -35,12 +35,12 @@ from pathlib import Path
 
 import pytest
 
-from consumer.subscription import StreamSource, Subscription
-from schemas.broker import BrokerSettings, connect
-from schemas.codec import decode_key_ring
-from schemas.sealing import BusKeys, load_bus_keys
-from schemas.ticket_keys import KeyRing, TicketKey
-from schemas.topology import Topology
+from sessionbus.bus.connection import BrokerSettings, connect
+from sessionbus.bus.topology import Topology
+from sessionbus.consumer.subscription import StreamSource, Subscription
+from sessionbus.schemas.codec import decode_key_ring
+from sessionbus.schemas.sealing import BusKeys, load_bus_keys
+from sessionbus.schemas.ticket_keys import KeyRing, TicketKey
 from tests.farm_support import (
     AMQP_URL,
     Proc,

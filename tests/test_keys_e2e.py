@@ -22,13 +22,13 @@ from typing import Any
 
 import pytest
 
-from consumer.subscription import StreamSource, Subscription
-from schemas.broker import BrokerSettings, connect
-from schemas.codec import decode_key_ring, encode_key_ring
-from schemas.errors import EnvelopeError
-from schemas.sealing import load_bus_keys, write_new_key_file
-from schemas.ticket_keys import KeyRing
-from schemas.topology import Topology
+from sessionbus.bus.connection import BrokerSettings, connect
+from sessionbus.bus.topology import Topology
+from sessionbus.consumer.subscription import StreamSource, Subscription
+from sessionbus.schemas.codec import decode_key_ring, encode_key_ring
+from sessionbus.schemas.errors import EnvelopeError
+from sessionbus.schemas.sealing import load_bus_keys, write_new_key_file
+from sessionbus.schemas.ticket_keys import KeyRing
 from tests.farm_support import (
     AMQP_URL,
     Proc,

@@ -1,4 +1,4 @@
-"""Real loopback handshakes through producer.openssl's hooks (no mocks).
+"""Real loopback handshakes through sessionbus.producer.openssl's hooks (no mocks).
 
 Needs only the stdlib, cffi, pytest and the ``openssl`` CLI, so ``.ci/binding-matrix`` runs it
 under every CPython on the machine (the pointer trick is per interpreter version).
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from producer import openssl
+from sessionbus.producer import openssl
 
 pytestmark = pytest.mark.tls
 
@@ -373,7 +373,7 @@ def test_callback_exception_is_a_logged_miss(
     nodes.append(Node(ctx))
     client = client_ctx(TLS12)
     _, session = connect(a, client)
-    with caplog.at_level(logging.ERROR, logger="producer.openssl"):
+    with caplog.at_level(logging.ERROR, logger="sessionbus.producer.openssl"):
         reused, _ = connect(nodes[-1], client, session)
     assert not reused
     assert "get-session callback raised RuntimeError" in caplog.text
@@ -505,7 +505,7 @@ def test_uninstall(cert: tuple[str, str], nodes: list[Node]) -> None:
 
 EXIT_SCRIPT = """
 import socket, ssl, sys, threading
-from producer import openssl
+from sessionbus.producer import openssl
 
 class Hooks:
     def on_new(self, session_id, der, expires_at): pass

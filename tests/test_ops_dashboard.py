@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 from prometheus_client import REGISTRY
 
-import consumer.farm_stats
-import consumer.metrics
-import producer.metrics
+import sessionbus.consumer.farm_stats
+import sessionbus.consumer.metrics
+import sessionbus.producer.metrics
 
 OPS = Path(__file__).resolve().parent.parent / "ops"
 DASHBOARD = OPS / "grafana" / "sessionbus.json"
@@ -32,7 +32,9 @@ PROMQL_WORDS = {
 
 def exported_names() -> set[str]:
     """Series names the processes serve: counters as _total, histograms as _bucket/_sum/_count."""
-    assert consumer.metrics and producer.metrics and consumer.farm_stats  # registered on import
+    # registered on import
+    assert sessionbus.consumer.metrics and sessionbus.producer.metrics
+    assert sessionbus.consumer.farm_stats
     suffixes = {
         "counter": ("_total",),
         "gauge": ("",),
@@ -179,7 +181,8 @@ def test_every_queried_metric_is_exported(source: str) -> None:
 
 def test_every_exported_metric_is_documented() -> None:
     """docs/operations.md's metric table names exactly the metrics the code registers."""
-    assert consumer.metrics and producer.metrics and consumer.farm_stats
+    assert sessionbus.consumer.metrics and sessionbus.producer.metrics
+    assert sessionbus.consumer.farm_stats
     queried_as = {"counter": "_total", "gauge": "", "histogram": "", "summary": ""}
     # examples/ are user code (a test may have imported one): not the project's own exports
     exported = {f.name + queried_as.get(f.type, "") for f in REGISTRY.collect()

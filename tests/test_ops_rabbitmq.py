@@ -29,7 +29,7 @@ import pytest
 from aiormq.exceptions import ChannelAccessRefused, ChannelLockedResource
 from yarl import URL
 
-from schemas.topology import Topology, declare_core, declare_keys, declare_replica_queue
+from sessionbus.bus.topology import Topology, declare_core, declare_keys, declare_replica_queue
 
 REPO = Path(__file__).resolve().parent.parent
 DEFINITIONS = REPO / "ops" / "rabbitmq" / "definitions.json"

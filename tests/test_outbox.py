@@ -6,11 +6,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import REGISTRY
 
-from producer.outbox import Outbox, OutboxSettings
-from schemas.codec import DEFAULT_LIMITS, decode_batch, encode_rows
-from schemas.events import EventType, RemoveReason
-from schemas.sealing import BusKeys, new_key
-from schemas.topology import Topology
+from sessionbus.bus.topology import Topology
+from sessionbus.producer.outbox import Outbox, OutboxSettings
+from sessionbus.schemas.codec import DEFAULT_LIMITS, decode_batch, encode_rows
+from sessionbus.schemas.events import EventType, RemoveReason
+from sessionbus.schemas.sealing import BusKeys, new_key
 
 KEYS = BusKeys([new_key()])
 

@@ -1,4 +1,4 @@
-"""Tests of consumer.peer_cache.PeerCache (plain, synchronous; no broker)."""
+"""Tests of sessionbus.consumer.peer_cache.PeerCache (plain, synchronous; no broker)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from consumer.peer_cache import CachedSession, PeerCache
+from sessionbus.consumer.peer_cache import CachedSession, PeerCache
 
 CTX = b"service-ctx"
 T0 = 1_000_000.0

@@ -37,15 +37,15 @@ from prometheus_client import REGISTRY
 from yarl import URL
 
 from bench.reliability_table import record
-from consumer.peer_cache import PeerCache
-from consumer.replicator import Replicator, ReplicatorSettings
-from consumer.subscription import StreamSource, Subscription
-from producer.outbox import Outbox, OutboxSettings
-from schemas.broker import BrokerSettings, JitteredConnection, connect
-from schemas.codec import DecodedBatch, decode_batch
-from schemas.events import RemoveReason
-from schemas.sealing import BusKeys, new_key
-from schemas.topology import Topology, declare_core, delete_all
+from sessionbus.bus.connection import BrokerSettings, JitteredConnection, connect
+from sessionbus.bus.topology import Topology, declare_core, delete_all
+from sessionbus.consumer.peer_cache import PeerCache
+from sessionbus.consumer.replicator import Replicator, ReplicatorSettings
+from sessionbus.consumer.subscription import StreamSource, Subscription
+from sessionbus.producer.outbox import Outbox, OutboxSettings
+from sessionbus.schemas.codec import DecodedBatch, decode_batch
+from sessionbus.schemas.events import RemoveReason
+from sessionbus.schemas.sealing import BusKeys, new_key
 from tests.farm_support import unique_prefix
 from tests.helpers_der import make_session_der
 from tests.private_broker import PrivateBroker

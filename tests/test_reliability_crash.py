@@ -33,13 +33,13 @@ from pathlib import Path
 import pytest
 
 from bench.reliability_table import record
-from consumer.peer_cache import PeerCache
-from consumer.replicator import Replicator, ReplicatorSettings
-from producer.outbox import Outbox
-from schemas.broker import BrokerSettings, connect
-from schemas.events import RemoveReason
-from schemas.sealing import load_bus_keys
-from schemas.topology import Topology, declare_core
+from sessionbus.bus.connection import BrokerSettings, connect
+from sessionbus.bus.topology import Topology, declare_core
+from sessionbus.consumer.peer_cache import PeerCache
+from sessionbus.consumer.replicator import Replicator, ReplicatorSettings
+from sessionbus.producer.outbox import Outbox
+from sessionbus.schemas.events import RemoveReason
+from sessionbus.schemas.sealing import load_bus_keys
 from tests.farm_support import (
     AMQP_URL,
     REPO,

@@ -32,12 +32,18 @@ import msgpack
 import pytest
 
 from bench.reliability_table import record
-from producer import openssl
-from schemas.broker import BrokerSettings, connect
-from schemas.codec import CONTENT_TYPE, H_REASON, encode_rows
-from schemas.events import EventType
-from schemas.sealing import KEY_ID_SIZE, BusKeys, load_bus_keys, new_key, write_new_key_file
-from schemas.topology import Topology, session_routing_key
+from sessionbus.bus.connection import BrokerSettings, connect
+from sessionbus.bus.topology import Topology, session_routing_key
+from sessionbus.producer import openssl
+from sessionbus.schemas.codec import CONTENT_TYPE, H_REASON, encode_rows
+from sessionbus.schemas.events import EventType
+from sessionbus.schemas.sealing import (
+    KEY_ID_SIZE,
+    BusKeys,
+    load_bus_keys,
+    new_key,
+    write_new_key_file,
+)
 from tests.farm_support import (
     AMQP_URL,
     Processes,

@@ -22,11 +22,11 @@ from aio_pika.abc import AbstractRobustConnection
 from prometheus_client import REGISTRY
 
 from bench.reliability_table import record
-from producer.node import Node, NodeSettings
-from producer.outbox import OutboxSettings
-from schemas.broker import BrokerSettings
-from schemas.sealing import BusKeys, new_key
-from schemas.topology import Topology, delete_all
+from sessionbus.bus.connection import BrokerSettings
+from sessionbus.bus.topology import Topology, delete_all
+from sessionbus.producer.node import Node, NodeSettings
+from sessionbus.producer.outbox import OutboxSettings
+from sessionbus.schemas.sealing import BusKeys, new_key
 from tests.farm_support import AMQP_URL, unique_prefix
 from tests.tcp_proxy import TcpProxy
 

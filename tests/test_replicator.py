@@ -12,13 +12,13 @@ import pytest
 from aio_pika.abc import AbstractRobustConnection
 from prometheus_client import REGISTRY
 
-from consumer.peer_cache import PeerCache
-from consumer.replicator import Replicator, ReplicatorSettings
-from producer.outbox import Outbox
-from schemas.codec import CONTENT_TYPE, encode_rows
-from schemas.events import EventType, RemoveReason
-from schemas.sealing import BusKeys
-from schemas.topology import Topology, declare_core, session_routing_key
+from sessionbus.bus.topology import Topology, declare_core, session_routing_key
+from sessionbus.consumer.peer_cache import PeerCache
+from sessionbus.consumer.replicator import Replicator, ReplicatorSettings
+from sessionbus.producer.outbox import Outbox
+from sessionbus.schemas.codec import CONTENT_TYPE, encode_rows
+from sessionbus.schemas.events import EventType, RemoveReason
+from sessionbus.schemas.sealing import BusKeys
 from tests.conftest import TEST_SID_CTX
 
 pytestmark = pytest.mark.broker

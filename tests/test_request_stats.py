@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
-from producer.request_stats import RequestStats
+from sessionbus.servers.cache.request_stats import RequestStats
 
 BUCKETS = (0.0001, 0.00025, 0.001, 1.0)
 

@@ -10,8 +10,7 @@ import pytest
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
 from aio_pika.exceptions import ChannelClosed
 
-from schemas.events import EventType
-from schemas.topology import (
+from sessionbus.bus.topology import (
     Topology,
     declare_core,
     declare_keys,
@@ -20,6 +19,7 @@ from schemas.topology import (
     key_routing_key,
     session_routing_key,
 )
+from sessionbus.schemas.events import EventType
 
 pytestmark = pytest.mark.broker
 

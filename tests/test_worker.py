@@ -14,14 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from consumer.worker import ImportStringError, load_consumer
 from examples.resumptions_per_origin import RESUMPTIONS
 from examples.resumptions_per_origin import consumer as example_consumer
-from producer.outbox import Outbox
-from schemas.broker import BrokerSettings, connect
-from schemas.events import EventType, RemoveReason, SessionEvent
-from schemas.sealing import load_bus_keys
-from schemas.topology import Topology, declare_core
+from sessionbus.bus.connection import BrokerSettings, connect
+from sessionbus.bus.topology import Topology, declare_core
+from sessionbus.consumer.worker import ImportStringError, load_consumer
+from sessionbus.producer.outbox import Outbox
+from sessionbus.schemas.events import EventType, RemoveReason, SessionEvent
+from sessionbus.schemas.sealing import load_bus_keys
 from tests.farm_support import AMQP_URL, Processes, bus_env
 from tests.helpers_der import make_session_der
 

@@ -1,0 +1,116 @@
+"""What a TLS node and a cache front share: a replica, an outbox, and the bus that feeds both.
+
+The member serves from memory at once; everything that needs the broker starts in the
+background whenever the broker is first reachable (declare, publish, replicate) and comes back
+by itself after an outage, so a node or cache never waits on the network to answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+
+from aio_pika.abc import AbstractRobustConnection
+
+from sessionbus.bus.connection import BrokerSettings, connect, retry
+from sessionbus.bus.topology import Topology, declare_core, declare_with
+from sessionbus.consumer import metrics as cmetrics
+from sessionbus.consumer.peer_cache import PeerCache
+from sessionbus.consumer.replicator import Replicator, ReplicatorSettings
+from sessionbus.producer.outbox import Outbox, OutboxSettings
+from sessionbus.schemas.sealing import BusKeys
+
+log = logging.getLogger(__name__)
+
+BusStart = Callable[[AbstractRobustConnection], Awaitable[None]]
+
+
+class BusMember:
+    def __init__(
+        self,
+        name: str,
+        node_id: str,
+        topology: Topology,
+        keys: BusKeys,
+        broker: BrokerSettings,
+        *,
+        replication: bool,
+        outbox: OutboxSettings,
+        sid_ctx: bytes | None,
+        session_lifetime: float,
+        max_entries: int,
+        max_bytes: int,
+    ) -> None:
+        self.name = name  # "node", "cache": names the broker connection
+        self.node_id = node_id
+        self._topo = topology
+        self._keys = keys
+        self._broker = broker
+        self._sid_ctx = sid_ctx
+        self._lifetime = session_lifetime
+        self.replication = replication
+        self.cache = PeerCache(max_entries=max_entries, max_bytes=max_bytes)
+        self.outbox = Outbox(node_id, topology, keys, outbox) if replication else None
+        self.connection: AbstractRobustConnection | None = None
+        self.replicator: Replicator | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._ready = asyncio.Event()
+
+    async def connect(self, extra: BusStart | None = None) -> None:
+        """Open the connection (returns at once) and start the bus side in the background;
+        ``extra`` runs once connected, after the declares and before the replica starts."""
+        self.connection = await connect(
+            replace(self._broker, name=f"sessionbus {self.name} {self.node_id}"),
+            wait=False, on_state=cmetrics.broker_state,
+        )
+        self._tasks.append(asyncio.get_running_loop().create_task(self._start_bus(extra)))
+
+    async def _start_bus(self, extra: BusStart | None) -> None:
+        conn = self.connection
+        assert conn is not None
+        await conn.connected.wait()
+        await retry(lambda: declare_with(conn, self._topo, declare_core), "declaring the bus")
+        if self.outbox is not None:
+            self._tasks.append(asyncio.get_running_loop().create_task(self.outbox.run(conn)))
+        if extra is not None:
+            await extra(conn)
+        if self.replication:
+            replicator = Replicator(
+                conn, self._topo, self._keys, self.cache,
+                ReplicatorSettings(node_id=self.node_id, sid_ctx=self._sid_ctx,
+                                   session_lifetime=self._lifetime),
+            )
+            await retry(replicator.start, "starting the replica")
+            self.replicator = replicator
+        self._ready.set()
+
+    async def wait_ready(self, timeout: float) -> bool:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._ready.wait(), timeout)
+        return self._ready.is_set()
+
+    async def flush_and_stop_replica(self, drain_timeout: float) -> None:
+        """Publish what is waiting (if the broker is there), stop replicating."""
+        conn = self.connection
+        if (
+            self.outbox is not None
+            and conn is not None
+            and conn.connected.is_set()
+            and not await self.outbox.flush(drain_timeout)
+        ):
+            log.warning("%d events not published at shutdown", self.outbox.depth)
+        if self.replicator is not None:
+            await self.replicator.stop(drain_timeout)
+
+    async def close(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        if self.connection is not None:
+            with contextlib.suppress(Exception):
+                await self.connection.close()

@@ -1,0 +1,110 @@
+"""``sessionbus cache``: a memcached/Redis session store for servers you already run."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+from dataclasses import replace
+from typing import Any
+
+from sessionbus.cli.commands._common import subparser
+from sessionbus.cli.config import ConfigError, add_common, common_from_args, host_port
+from sessionbus.cli.config import node_id as node_id_type
+from sessionbus.cli.runtime import run
+from sessionbus.consumer.metrics import serve_metrics
+from sessionbus.servers.cache.connection import FrontLimits
+from sessionbus.servers.cache.front import (
+    CACHE_OUTBOX,
+    DEFAULT_MIN_INTERVAL,
+    CacheFront,
+    CacheSettings,
+)
+
+log = logging.getLogger("sessionbus.cache")
+_DEFAULTS = FrontLimits()
+
+
+def register(sub: Any, exit_codes: str) -> None:
+    p = subparser(
+        sub, "cache", "a memcached/Redis session store that joins the farm",
+        "A local session store that speaks the memcached text protocol and/or Redis (RESP2),\n"
+        "so Apache httpd (SSLSessionCache memcache:HOST:PORT or redis:HOST:PORT), and anything\n"
+        "else that keeps TLS sessions in memcached or Redis, joins the farm: sessions stored\n"
+        "here resume on every server of the farm. Answers come from memory at once, whether\n"
+        "the broker is up or not. Keys mod_ssl-sess:<hex id> are TLS sessions (the value must\n"
+        "be the session's DER); other keys are stored and replicated as opaque values (written\n"
+        "once, deleted farm-wide). Run one beside each server; see ops/httpd/.",
+        "  sessionbus cache --node-id web-1 --memcache 127.0.0.1:11311\n"
+        "  sessionbus cache --node-id web-2 --redis 127.0.0.1:6380 --metrics 127.0.0.1:9402\n"
+        "  sessionbus cache --node-id web-3 --memcache 127.0.0.1:11311 --redis 127.0.0.1:6380 \\\n"
+        "      --session-timeout 300",
+        exit_codes,
+    )
+    p.add_argument("--node-id", required=True, type=node_id_type,
+                   help="this cache's id: [a-z0-9-], unique in the farm")
+    p.add_argument("--memcache", type=host_port, metavar="HOST:PORT",
+                   help="serve the memcached text protocol here")
+    p.add_argument("--redis", type=host_port, metavar="HOST:PORT",
+                   help="serve the Redis protocol (RESP2) here")
+    p.add_argument("--session-timeout", type=int, default=7200, metavar="SECONDS",
+                   help="session lifetime: at least the servers' own (httpd's "
+                   "SSLSessionCacheTimeout); caps every entry's expiry and is how far back a "
+                   "starting cache replays the farm's sessions (default %(default)s)")
+    p.add_argument("--max-connections", type=int, default=_DEFAULTS.max_connections,
+                   metavar="N", help="client connections at most (default %(default)s)")
+    p.add_argument("--idle-timeout", type=float, default=_DEFAULTS.idle_timeout,
+                   metavar="SECONDS",
+                   help="close a client connection silent this long; keep it above httpd's "
+                   "connection-pool TTL (15 s) (default %(default)s)")
+    p.add_argument("--linger", type=float, default=DEFAULT_MIN_INTERVAL, metavar="SECONDS",
+                   help="at most one message of new (and one of removed) sessions per this "
+                   "long: under load they wait for the next one and share it, after a quiet "
+                   "spell they go at once; longer costs less CPU per session, shorter "
+                   "replicates sooner (default %(default)s; lookups, statistics only, wait up "
+                   "to 0.25 s)")
+    p.add_argument("--no-replication", action="store_true",
+                   help="a local store only: no broker, no peers (for comparison)")
+    add_common(p)
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    common = common_from_args(args)
+    if args.memcache is None and args.redis is None:
+        raise ConfigError("give --memcache HOST:PORT, --redis HOST:PORT, or both")
+    if args.session_timeout <= 0:
+        raise ConfigError("--session-timeout must be positive")
+    if args.max_connections < 1:
+        raise ConfigError("--max-connections must be at least 1")
+    if args.idle_timeout <= 0:
+        raise ConfigError("--idle-timeout must be positive")
+    if not 0 <= args.linger <= 1:
+        raise ConfigError("--linger must be 0..1 seconds")
+    settings = CacheSettings(
+        node_id=args.node_id, memcache=args.memcache, redis=args.redis,
+        session_timeout=args.session_timeout, replication=not args.no_replication,
+        limits=FrontLimits(max_connections=args.max_connections,
+                           idle_timeout=args.idle_timeout),
+        outbox=replace(CACHE_OUTBOX, min_interval=args.linger),
+    )
+    keys = common.keys()
+
+    async def serve(stop: asyncio.Event) -> int:
+        front = CacheFront(settings, common.broker, keys, common.topology)
+        try:
+            await front.start()
+        except OSError as exc:
+            raise ConfigError(f"cannot listen: {exc.strerror or exc}") from None
+        if common.metrics:
+            serve_metrics(common.metrics)
+        where = ", ".join(
+            f"{name} on {front.address(name)[0]}:{front.address(name)[1]}"
+            for name in front.protocols
+        )
+        print(f"cache {settings.node_id} listening: {where}", flush=True)
+        await stop.wait()
+        await front.stop()
+        return 0
+
+    return run(serve)

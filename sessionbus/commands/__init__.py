@@ -1,9 +1,0 @@
-"""One module per subcommand, each with ``register(subparsers, exit_codes)``."""
-
-from __future__ import annotations
-
-from types import ModuleType
-
-from sessionbus.commands import bus_key, cache, events, keyfile, keys, node, revoke, up, worker
-
-COMMANDS: list[ModuleType] = [up, node, cache, keys, keyfile, worker, events, revoke, bus_key]
