@@ -31,6 +31,11 @@ MESSAGES_DEAD_LETTERED = Counter(
     "sessionbus_messages_dead_lettered_total",
     "Messages copied to the dead-letter exchange, by reason", ["reason"],
 )
+DEAD_LETTERS_LOST = Counter(
+    "sessionbus_dead_letters_lost_total",
+    "Rejected messages whose dead-letter copy could not be kept (best effort: no DLX, "
+    "timeout, backlog full)",
+)
 HANDLER_DURATION = Histogram(
     "sessionbus_handler_duration_seconds", "Time a consumer's handler took per event",
     ["consumer"], buckets=LAG_BUCKETS,

@@ -24,7 +24,7 @@ from typing import Any
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
 
-from sessionbus.bus.topology import Topology, declare_core, session_routing_key
+from sessionbus.bus.topology import Topology, session_routing_key
 from sessionbus.producer import metrics
 from sessionbus.schemas.codec import CONTENT_TYPE, encode_rows
 from sessionbus.schemas.events import EventType, RemoveReason
@@ -358,7 +358,9 @@ class Outbox:
                 await asyncio.wait_for(self._channel.close(), 2)
         self._channel = channel = await connection.channel(publisher_confirms=True)
         channel.return_callbacks.add(self._on_return)
-        await declare_core(channel, self._topo)
+        # Nothing is declared or checked here: a publish to a missing exchange fails (and is
+        # resent), and nothing this channel needs lives on a broker node other than the
+        # exchange's (the DLX, the dead queue are not involved in publishing).
         return await channel.get_exchange(self._topo.sessions_exchange, ensure=False)
 
     def _on_return(self, _channel: Any, message: Any) -> None:

@@ -37,9 +37,8 @@ from yarl import URL
 from sessionbus.bus.connection import BrokerSettings, connect, retry, tls_context
 from sessionbus.bus.topology import (
     Topology,
-    declare_core,
-    declare_keys,
-    declare_with,
+    check_keys,
+    check_with,
     key_routing_key,
 )
 from sessionbus.consumer import metrics as cmetrics
@@ -147,7 +146,7 @@ class KeyPublisher:
         )
         await conn.connected.wait()
         await retry(
-            lambda: declare_with(conn, self._topo, declare_core, declare_keys), "declaring the bus"
+            lambda: check_with(conn, self._topo, check_keys), "finding the key stream"
         )
         self._follower = KeyFollower(self._connection, self._topo, self._keys)
         await retry(self._follower.start, "following the key stream")
@@ -208,7 +207,7 @@ class KeyPublisher:
         metrics.KEY_LEADER.set(1)
         log.info("key publisher %s: leading (holds %s)", self.s.publisher_id,
                  self._topo.keys_lock_queue)
-        exchange = await declare_keys(channel, self._topo)
+        exchange = await check_keys(channel, self._topo)
 
         async def publish(ring: KeyRing, reason: str) -> None:
             if conn.is_closed or lost.is_set():
