@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import deque
 from typing import Any
 
@@ -42,8 +43,9 @@ class DeadLetters:
         connection: AbstractConnection,
         topology: Topology,
         *,
-        max_messages: int = 1024,
-        max_bytes: int = 128 * 2**20,
+        max_messages: int = 10_000,
+        max_bytes: int = 256 * 2**20,
+        in_flight: int = 128,
         timeout: float = 5.0,
         retry_after: float = 1.0,
     ) -> None:
@@ -53,6 +55,9 @@ class DeadLetters:
         self._max_bytes = max_bytes
         self._timeout = timeout
         self._retry_after = retry_after
+        self._in_flight = in_flight
+        self._sending = 0  # copies awaiting their confirm
+        self._failed_at = -1e9  # monotonic time of the last failed publish
         self._pending: deque[tuple[aio_pika.Message, str]] = deque()
         self._bytes = 0
         self._wake = asyncio.Event()
@@ -76,7 +81,8 @@ class DeadLetters:
 
     @property
     def pending(self) -> int:
-        return len(self._pending)
+        """Copies not yet sent or dropped (queued or awaiting their confirm)."""
+        return len(self._pending) + self._sending
 
     def _lose(self, reason: str, why: str) -> None:
         self.lost += 1
@@ -86,36 +92,67 @@ class DeadLetters:
                         self.lost)
 
     async def _run(self) -> None:
-        while True:
-            if not self._pending:
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            message, reason = self._pending[0]
-            try:
-                channel = await self._open()
-                exchange = await channel.get_exchange(self._topo.dlx, ensure=False)
-                await asyncio.wait_for(
-                    exchange.publish(message, dead_letter_key(reason, self._user)),
-                    self._timeout,
-                )
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                self._drop_first()
-                self._lose(reason, type(exc).__name__)
-                await self._close()
-                await asyncio.sleep(self._retry_after)
-                continue
-            self._drop_first()
-            self.sent += 1
-            metrics.MESSAGES_DEAD_LETTERED.labels(
-                reason if reason in Reason._value2member_map_ else Reason.MALFORMED.value
-            ).inc()
+        """Publish the backlog, up to ``in_flight`` copies awaiting confirms at once (a flood of
+        bad messages must not outrun one-at-a-time confirms and overflow the backlog)."""
+        slots = asyncio.Semaphore(self._in_flight)
+        tasks: set[asyncio.Task[None]] = set()
+        try:
+            while True:
+                if not self._pending:
+                    self._wake.clear()
+                    await self._wake.wait()
+                    continue
+                await slots.acquire()
+                if not self._pending:
+                    slots.release()
+                    continue
+                pause = self._failed_at + self._retry_after - time.monotonic()
+                if pause > 0:  # after a failure, wait before trying again (a backlog meanwhile)
+                    slots.release()
+                    await asyncio.sleep(pause)
+                    continue
+                message, reason = self._pending.popleft()
+                self._bytes -= len(message.body)
+                try:
+                    channel = await self._open()
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    slots.release()
+                    self._lose(reason, type(exc).__name__)
+                    self._failed_at = time.monotonic()
+                    continue
+                self._sending += 1
+                task = asyncio.get_running_loop().create_task(
+                    self._publish(channel, message, reason, slots))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+        finally:
+            for t in tasks:
+                t.cancel()
 
-    def _drop_first(self) -> None:
-        message, _ = self._pending.popleft()
-        self._bytes -= len(message.body)
+    async def _publish(self, channel: AbstractChannel, message: aio_pika.Message, reason: str,
+                       slots: asyncio.Semaphore) -> None:
+        try:
+            exchange = await channel.get_exchange(self._topo.dlx, ensure=False)
+            await asyncio.wait_for(
+                exchange.publish(message, dead_letter_key(reason, self._user)), self._timeout
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._lose(reason, type(exc).__name__)
+            self._failed_at = time.monotonic()
+            if self._channel is channel:
+                await self._close()
+            return
+        finally:
+            self._sending -= 1
+            slots.release()
+        self.sent += 1
+        metrics.MESSAGES_DEAD_LETTERED.labels(
+            reason if reason in Reason._value2member_map_ else Reason.MALFORMED.value
+        ).inc()
 
     async def _open(self) -> AbstractChannel:
         if self._channel is None or self._channel.is_closed:

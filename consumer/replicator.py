@@ -141,6 +141,7 @@ class Replicator:
         self._stream = Subscription(
             self._conn, self._topo, StreamSource(self._topo.session_stream, start),
             WithEnvelope(self._decode), self._on_batch, prefetch=self.settings.prefetch,
+            consumer_id=self.settings.node_id,
         )
         await self._stream.start()
         if self.settings.replay:

@@ -94,8 +94,10 @@ class Subscription(Generic[T]):
         *,
         prefetch: int = 64,
         report_rejects: bool = True,
+        consumer_id: str | None = None,
     ) -> None:
         self._conn = connection
+        self._consumer_id = consumer_id  # named in dead letters: which replica judged it
         # False for a replay of messages live consumers already judged: counting and
         # dead-lettering them again would double every reject.
         self._report = report_rejects
@@ -307,6 +309,8 @@ class Subscription(Generic[T]):
         headers: dict[str, Any] = dict(message.headers or {})
         headers[H_REASON] = reason
         headers["sessionbus-source"] = self._source.name
+        if self._consumer_id is not None:
+            headers["sessionbus-rejected-by"] = self._consumer_id
         if indexes is not None:
             headers["sessionbus-rejected-indexes"] = indexes[:256]
         copy = aio_pika.Message(
