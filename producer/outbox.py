@@ -299,6 +299,8 @@ class Outbox:
                     else "nack" if type(exc).__name__ in ("DeliveryError", "PublishError")
                     else "connection"
                 )
+                if type(exc).__name__ == "PublishError":  # returned: routed to no queue
+                    metrics.MESSAGES_RETURNED.labels(type_.value).inc()
                 metrics.PUBLISH_FAILURES.labels(reason).inc()
                 log.warning("publish of %d %s events failed (%s); will resend", len(rows),
                             type_.value, type(exc).__name__)
@@ -356,15 +358,12 @@ class Outbox:
         if self._channel is not None:  # one publishing channel at a time
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._channel.close(), 2)
-        self._channel = channel = await connection.channel(publisher_confirms=True)
-        channel.return_callbacks.add(self._on_return)
+        # on_return_raises: a mandatory message the broker returns (no queue took it: the
+        # stream not back yet after a restart, say) fails its publish and is resent; without it
+        # aio-pika resolves the confirm as a success and the batch was lost.
+        self._channel = channel = await connection.channel(publisher_confirms=True,
+                                                           on_return_raises=True)
         # Nothing is declared or checked here: a publish to a missing exchange fails (and is
         # resent), and nothing this channel needs lives on a broker node other than the
         # exchange's (the DLX, the dead queue are not involved in publishing).
         return await channel.get_exchange(self._topo.sessions_exchange, ensure=False)
-
-    def _on_return(self, _channel: Any, message: Any) -> None:
-        key = getattr(message, "routing_key", "") or ""
-        parts = key.split(".")
-        type_ = parts[1] if len(parts) > 2 and parts[1] in ("new", "get", "remove") else "new"
-        metrics.MESSAGES_RETURNED.labels(type_).inc()
