@@ -37,13 +37,13 @@ def test_a_plain_install_holds_one_import_package_and_the_console_script(tmp_pat
         assert (target / "sessionbus" / sub / "__init__.py").is_file(), sub
     env = {**os.environ, "PYTHONPATH": str(target)}
     # -I: the checkout (the working directory) is not on the path, only the install
-    gone = subprocess.run([sys.executable, "-I", "-c", "import sys; sys.path.insert(0, %r); "
-                           "import schemas" % str(target)],
+    gone = subprocess.run([sys.executable, "-I", "-c",
+                           f"import sys; sys.path.insert(0, {str(target)!r}); import schemas"],
                           capture_output=True, text=True, env=env, timeout=60)
     assert gone.returncode != 0 and "ModuleNotFoundError" in gone.stderr
-    here = subprocess.run([sys.executable, "-I", "-c", "import sys; sys.path.insert(0, %r); "
-                           "import sessionbus.schemas.events as e; print(e.__file__)"
-                           % str(target)],
+    here = subprocess.run([sys.executable, "-I", "-c",
+                           f"import sys; sys.path.insert(0, {str(target)!r}); "
+                           "import sessionbus.schemas.events as e; print(e.__file__)"],
                           capture_output=True, text=True, env=env, timeout=60)
     assert here.returncode == 0, here.stderr
     assert here.stdout.strip().startswith(str(target))

@@ -33,7 +33,8 @@ def exited(proc: Proc, timeout: float = 30.0) -> int:
         return proc.popen.wait(timeout)
     except subprocess.TimeoutExpired:
         proc.stop()
-        raise AssertionError(f"still running {timeout:.0f} s after the fault:\n{proc.output()}")
+        raise AssertionError(
+            f"still running {timeout:.0f} s after the fault:\n{proc.output()}") from None
     finally:
         if proc._reader is not None:
             proc._reader.join(5)
