@@ -24,8 +24,9 @@ import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractConnection
 
 from sessionbus.bus.topology import Topology, dead_letter_key
-from sessionbus.consumer import metrics
+from sessionbus.metrics import DeliveryMetrics
 from sessionbus.schemas.errors import Reason
+from sessionbus.tasks import Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,8 @@ class DeadLetters:
         self,
         connection: AbstractConnection,
         topology: Topology,
+        metrics: DeliveryMetrics,
+        supervisor: Supervisor,
         *,
         max_messages: int = 10_000,
         max_bytes: int = 256 * 2**20,
@@ -51,6 +54,8 @@ class DeadLetters:
     ) -> None:
         self._conn = connection
         self._topo = topology
+        self._m = metrics
+        self._supervisor = supervisor
         self._max_messages = max_messages
         self._max_bytes = max_bytes
         self._timeout = timeout
@@ -77,7 +82,7 @@ class DeadLetters:
         self._bytes += size
         self._wake.set()
         if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._run())
+            self._task = self._supervisor.spawn(self._run(), "dead-letters")
 
     @property
     def pending(self) -> int:
@@ -86,7 +91,7 @@ class DeadLetters:
 
     def _lose(self, reason: str, why: str) -> None:
         self.lost += 1
-        metrics.DEAD_LETTERS_LOST.inc()
+        self._m.dead_letters_lost.inc()
         if self.lost == 1 or self.lost % 1000 == 0:  # a line per thousand, not per message
             log.warning("dead letter (reason %s) not kept: %s (%d so far)", reason, why,
                         self.lost)
@@ -113,16 +118,17 @@ class DeadLetters:
                     continue
                 message, reason = self._pending.popleft()
                 self._bytes -= len(message.body)
+                self._sending += 1  # counted as pending from here until _publish is done
                 try:
                     channel = await self._open()
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
+                    self._sending -= 1
                     slots.release()
                     self._lose(reason, type(exc).__name__)
                     self._failed_at = time.monotonic()
                     continue
-                self._sending += 1
                 task = asyncio.get_running_loop().create_task(
                     self._publish(channel, message, reason, slots))
                 tasks.add(task)
@@ -150,7 +156,7 @@ class DeadLetters:
             self._sending -= 1
             slots.release()
         self.sent += 1
-        metrics.MESSAGES_DEAD_LETTERED.labels(
+        self._m.dead_lettered.labels(
             reason if reason in Reason._value2member_map_ else Reason.MALFORMED.value
         ).inc()
 

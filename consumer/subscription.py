@@ -38,11 +38,13 @@ from aio_pika.abc import (
     AbstractRobustQueue,
 )
 
+from sessionbus.bus.connection import BROKER_ERRORS
 from sessionbus.bus.topology import Topology
-from sessionbus.consumer import metrics
 from sessionbus.consumer.dead_letters import DeadLetters
+from sessionbus.metrics import Metrics
 from sessionbus.schemas.codec import H_REASON, DecodedBatch
 from sessionbus.schemas.errors import EnvelopeError
+from sessionbus.tasks import Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -95,9 +97,13 @@ class Subscription(Generic[T]):
         prefetch: int = 64,
         report_rejects: bool = True,
         consumer_id: str | None = None,
+        metrics: Metrics | None = None,
+        supervisor: Supervisor | None = None,
     ) -> None:
         self._conn = connection
         self._consumer_id = consumer_id  # named in dead letters: which replica judged it
+        self._m = (metrics or Metrics()).delivery
+        self._supervisor = supervisor or Supervisor(metrics)
         # False for a replay of messages live consumers already judged: counting and
         # dead-lettering them again would double every reject.
         self._report = report_rejects
@@ -109,7 +115,7 @@ class Subscription(Generic[T]):
         )
         self._handler = handler
         self._prefetch = prefetch
-        self._dead = DeadLetters(connection, topology)
+        self._dead = DeadLetters(connection, topology, self._m, self._supervisor)
         self._resubscribing: asyncio.Task[None] | None = None
         self._channel: AbstractRobustChannel | None = None
         self._queue: AbstractQueue | None = None
@@ -139,13 +145,12 @@ class Subscription(Generic[T]):
             else:
                 self._queue = await channel.get_queue(self._source.name, ensure=True)
         except BaseException:
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(*BROKER_ERRORS):
                 await channel.close()
             raise
         self._channel = channel
         channel.reopen_callbacks.add(self._on_reopen)
-
-        self._worker = asyncio.get_running_loop().create_task(self._work())
+        self._worker = self._supervisor.spawn(self._work(), "subscription")
         await self._consume()
 
     def _consume_arguments(self) -> dict[str, Any]:
@@ -175,7 +180,7 @@ class Subscription(Generic[T]):
                     self._source.name)
         self._tag = None
         if self._resubscribing is None or self._resubscribing.done():
-            self._resubscribing = asyncio.get_running_loop().create_task(self._resubscribe())
+            self._resubscribing = self._supervisor.spawn(self._resubscribe(), "subscription")
 
     async def _resubscribe(self) -> None:
         delay = 0.2
@@ -197,7 +202,7 @@ class Subscription(Generic[T]):
         log.info("subscription %s: channel reopened, subscribing again", self._source.name)
         try:
             await self._consume()
-        except Exception as exc:  # the next reopen tries again
+        except BROKER_ERRORS as exc:  # the next reopen tries again
             log.warning("subscription %s: resubscribe failed: %s", self._source.name, exc)
 
     async def _deliver(self, message: AbstractIncomingMessage) -> None:
@@ -209,7 +214,7 @@ class Subscription(Generic[T]):
         """Stop receiving new deliveries (what is already here is still handled)."""
         self._stopping = True
         if self._queue is not None and self._tag is not None:
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(*BROKER_ERRORS):
                 await asyncio.wait_for(self._queue.cancel(self._tag), 5)
             self._tag = None
 
@@ -236,7 +241,7 @@ class Subscription(Generic[T]):
                     await task
         await self._dead.stop()
         if self._channel is not None and not self._channel.is_closed:
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(*BROKER_ERRORS):
                 await self._channel.close()
         return finished
 
@@ -258,12 +263,11 @@ class Subscription(Generic[T]):
             if self._closing:
                 break
             self._busy = True
+            # An exception here is a bug, not bad input (that is rejected and dead-lettered):
+            # it ends the task, and the supervisor ends the process, instead of a replica that
+            # silently stops applying.
             try:
                 await self._handle(message)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("subscription %s: unexpected error", self._source.name)
             finally:
                 self._busy = False
                 if self._inbox.empty():
@@ -286,19 +290,19 @@ class Subscription(Generic[T]):
             decoded = self._decode_fn(message)
         except EnvelopeError as exc:
             if self._report:
-                metrics.EVENTS_REJECTED.labels(exc.reason.value).inc()
+                self._m.events_rejected.labels(exc.reason.value).inc()
                 self._dead_letter(message, exc.reason.value)
         else:
             failed = await self._handler(decoded) or []
             if isinstance(decoded, DecodedBatch) and decoded.rejected and self._report:
                 for r in decoded.rejected:
-                    metrics.EVENTS_REJECTED.labels(r.reason).inc()
+                    self._m.events_rejected.labels(r.reason).inc()
                 failed = [(r.index, r.reason) for r in decoded.rejected] + failed
             if failed:
                 self._dead_letter(message, failed[0][1], [i for i, _ in failed])
         if offset is not None:
             self.last_offset = offset
-        with contextlib.suppress(Exception):  # a closed channel: redelivered, applied again
+        with contextlib.suppress(*BROKER_ERRORS):  # a closed channel: redelivered, applied again
             await message.ack()
         self.handled += 1
 

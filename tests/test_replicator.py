@@ -10,11 +10,11 @@ from collections.abc import AsyncIterator, Callable
 import aio_pika
 import pytest
 from aio_pika.abc import AbstractRobustConnection
-from prometheus_client import REGISTRY
 
 from sessionbus.bus.topology import Topology, declare_core, session_routing_key
 from sessionbus.consumer.peer_cache import PeerCache
 from sessionbus.consumer.replicator import Replicator, ReplicatorSettings
+from sessionbus.metrics import Metrics
 from sessionbus.producer.outbox import Outbox
 from sessionbus.schemas.codec import CONTENT_TYPE, encode_rows
 from sessionbus.schemas.events import EventType, RemoveReason
@@ -35,8 +35,10 @@ async def wait_until(predicate: Callable[[], bool], timeout: float = 15.0) -> bo
     return predicate()
 
 
+METRICS = Metrics()  # this module's own registry: what its components count
+
 def rejected_total(reason: str) -> float:
-    return REGISTRY.get_sample_value("sessionbus_events_rejected_total", {"reason": reason}) or 0.0
+    return METRICS.value("sessionbus_events_rejected_total", {"reason": reason})
 
 
 class Bus:
@@ -48,13 +50,14 @@ class Bus:
 
     async def replica(self, node_id: str, **kw: object) -> Replicator:
         r = Replicator(self.conn, self.topo, self.keys, PeerCache(),
-                       ReplicatorSettings(node_id=node_id, sid_ctx=TEST_SID_CTX, **kw))  # type: ignore[arg-type]
+                       ReplicatorSettings(node_id=node_id, sid_ctx=TEST_SID_CTX, **kw),  # type: ignore[arg-type]
+                       metrics=METRICS)
         await r.start()
         self.replicators.append(r)
         return r
 
     def outbox(self, origin: str) -> Outbox:
-        box = Outbox(origin, self.topo, self.keys)
+        box = Outbox(origin, self.topo, self.keys, metrics=METRICS)
         self.tasks.append(asyncio.get_running_loop().create_task(box.run(self.conn)))
         return box
 
@@ -219,8 +222,8 @@ async def test_warm_join_holds_sessions_published_before_it_started(
 
 
 def applied_new() -> float:
-    return REGISTRY.get_sample_value(
-        "sessionbus_events_consumed_total", {"type": "new", "outcome": "applied"}) or 0.0
+    return METRICS.value(
+        "sessionbus_events_consumed_total", {"type": "new", "outcome": "applied"})
 
 
 async def publish_and_count(box: Outbox, replica: Replicator, session_der: DerFactory,
@@ -285,8 +288,9 @@ async def test_after_a_reconnect_the_stream_resumes_at_the_next_offset(
                                         backoff_min=0.1, backoff_max=0.5))
     pub = await connect(BrokerSettings(url=amqp_url))
     replica = Replicator(conn, topology, bus_keys, PeerCache(),
-                         ReplicatorSettings(node_id="node-r", sid_ctx=TEST_SID_CTX))
-    box = Outbox("node-a", topology, bus_keys)
+                         ReplicatorSettings(node_id="node-r", sid_ctx=TEST_SID_CTX),
+                         metrics=METRICS)
+    box = Outbox("node-a", topology, bus_keys, metrics=METRICS)
     task = asyncio.get_running_loop().create_task(box.run(pub))
     try:
         await replica.start()
@@ -343,10 +347,16 @@ async def test_a_full_origin_table_rejects_acks_and_dead_letters(
     assert sid not in replica.cache
     assert replica.subscription is not None
     assert await replica.subscription.dead_letters_flushed(10)
-    ch = await bus.conn.channel()
-    dead = await ch.declare_queue(bus.topo.dead_queue, passive=True)
-    assert dead.declaration_result.message_count == 1
-    await ch.close()
+    count = -1
+    for _ in range(50):  # the quorum queue's count may trail its confirm a moment
+        ch = await bus.conn.channel()
+        dead = await ch.declare_queue(bus.topo.dead_queue, passive=True)
+        count = dead.declaration_result.message_count
+        await ch.close()
+        if count:
+            break
+        await asyncio.sleep(0.1)
+    assert count == 1
     replica.cache._origins.clear()  # room again: replication was never stalled
     later = os.urandom(32)
     spoofed.put_new(later, TEST_SID_CTX, time.time() + 300, session_der(session_id=later))
