@@ -52,15 +52,16 @@ from sessionbus.schemas.codec import (
 )
 from sessionbus.schemas.errors import EnvelopeError, Reason
 from sessionbus.schemas.events import MAX_SESSION_ID, MAX_SID_CTX, EventType
-from sessionbus.schemas.sealing import KEY_ID_SIZE, BusKeys, new_key
+from sessionbus.schemas.sealing import KEY_ID_SIZE, BusKeys
 from sessionbus.schemas.session_der import parse_session
 from tests.helpers_der import make_session_der
+from tests.helpers_keys import farm_keys
 
 CTX = b"sessionbus-test"
 OTHER_CTX = b"another-service"
 ORIGIN = "node-x"
-KEYS = BusKeys([new_key()])  # the farm's (hypothesis tests cannot take function fixtures)
-ATTACKER = BusKeys([new_key()])  # a key the farm does not hold
+KEYS = farm_keys()  # the farm's (hypothesis tests cannot take function fixtures)
+ATTACKER = farm_keys()  # a key the farm does not hold
 # small, so oversize messages stay cheap to send (the replicator of the live test uses them too)
 LIMITS = Limits(max_message_bytes=64 << 10, max_events=256)
 REASONS = frozenset(r.value for r in Reason)
@@ -202,7 +203,7 @@ def mutations(draw: st.DrawFn, body: bytes) -> bytes:
             body = body[: draw(st.integers(0, n))] + other[draw(st.integers(0, len(other))):]
         elif op == "key_id":
             kid = draw(st.sampled_from([ATTACKER.seal_key_id, os.urandom(KEY_ID_SIZE)]))
-            body = kid + body[KEY_ID_SIZE:]
+            body = body[:1] + kid + body[1 + KEY_ID_SIZE:]
     return body
 
 
@@ -464,7 +465,8 @@ async def test_10000_fuzzed_messages_to_a_live_consumer(
             key = session_routing_key(EventType.NEW, ORIGIN)
             for start in range(0, LIVE_MESSAGES, 256):
                 await asyncio.gather(*(
-                    x.publish(aio_pika.Message(body, headers=headers, content_type=CONTENT_TYPE),
+                    x.publish(aio_pika.Message(body, headers=headers, content_type=CONTENT_TYPE,
+                                     user_id="guest"),
                               key)
                     for _, body, headers, _ in messages[start:start + 256]
                 ))
@@ -480,7 +482,8 @@ async def test_10000_fuzzed_messages_to_a_live_consumer(
             # the consumer is still up: a genuine session after all that is applied
             sid = os.urandom(32)
             body, headers = seal(EventType.NEW, [new_row(sid)])
-            await x.publish(aio_pika.Message(body, headers=headers, content_type=CONTENT_TYPE),
+            await x.publish(aio_pika.Message(body, headers=headers, content_type=CONTENT_TYPE,
+                                     user_id="guest"),
                             key)
             while sid not in replica.cache:
                 await asyncio.sleep(0.02)

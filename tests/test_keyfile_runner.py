@@ -29,7 +29,7 @@ from prometheus_client import REGISTRY
 
 from sessionbus.bus.topology import Topology, declare_core, declare_keys, key_routing_key
 from sessionbus.schemas.codec import CONTENT_TYPE, encode_key_ring
-from sessionbus.schemas.sealing import BusKeys, load_bus_keys, write_new_key_file
+from sessionbus.schemas.sealing import BusKeys, write_new_key_file
 from sessionbus.schemas.ticket_keys import KeyRing, TicketKey
 from sessionbus.servers.keyfile.atomic_files import UnsafeDirectoryError
 from sessionbus.servers.keyfile.formats import ATS_FILE, HAPROXY_FILE, KeyFileFormat, render
@@ -42,6 +42,7 @@ from sessionbus.servers.keyfile.runner import (
     run_command,
 )
 from tests.farm_support import AMQP_URL, Processes, delete_topology, free_port
+from tests.helpers_keys import keys_for
 
 pytestmark = [pytest.mark.broker]
 
@@ -71,7 +72,7 @@ async def publish(
         body, headers = encode_key_ring(ring, PUBLISHER, keys)
         await exchange.publish(
             aio_pika.Message(body, headers=headers, content_type=CONTENT_TYPE,
-                             delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+                             delivery_mode=aio_pika.DeliveryMode.PERSISTENT, user_id="guest"),
             key_routing_key(PUBLISHER),
         )
     finally:
@@ -416,7 +417,7 @@ async def test_cli_writes_at_start_with_metrics_and_stops_cleanly(
 ) -> None:
     key_file = tmp_path / "bus.key"
     write_new_key_file(key_file)
-    keys = load_bus_keys(key_file)
+    keys = keys_for(key_file)
     topo = Topology(prefix=f"sbtest-kf-{os.urandom(5).hex()}")
     procs = Processes()
     try:

@@ -46,7 +46,7 @@ from sessionbus.consumer import metrics as cmetrics
 from sessionbus.keys.follower import KeyFollower
 from sessionbus.keys.ring import Timeline, added_keys, advance, describe
 from sessionbus.producer import metrics
-from sessionbus.schemas.codec import CONTENT_TYPE, encode_key_ring
+from sessionbus.schemas.codec import CONTENT_TYPE, encode_key_ring, sender_user
 from sessionbus.schemas.sealing import BusKeys
 from sessionbus.schemas.ticket_keys import KeyRing
 
@@ -218,7 +218,7 @@ class KeyPublisher:
                 body, headers=headers, content_type=CONTENT_TYPE,
                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
                 message_id=f"{self.s.publisher_id}.ring.{ring.seq}.{next(self._ids)}",
-                timestamp=time.time(),
+                timestamp=time.time(), user_id=sender_user(self._broker.url),
             )
             try:
                 await asyncio.wait_for(
