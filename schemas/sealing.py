@@ -229,6 +229,11 @@ class BusKeys:
     def can_sign_rings(self) -> bool:
         return self._signing is not None
 
+    @property
+    def verifies_rings(self) -> bool:
+        """Whether any ring signer is trusted (without one, every ring is refused)."""
+        return bool(self._signers)
+
     def seal(self, plaintext: bytes, aad: bytes) -> bytes:
         """Seal a session message (raises ``BusKeyError`` for a ring-only holder)."""
         return self._session.seal(plaintext, aad)

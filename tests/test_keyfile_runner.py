@@ -41,7 +41,7 @@ from sessionbus.servers.keyfile.runner import (
     haproxy_shift,
     run_command,
 )
-from tests.farm_support import AMQP_URL, Processes, delete_topology, free_port
+from tests.farm_support import AMQP_URL, Processes, delete_topology, free_port, role_env
 from tests.helpers_keys import keys_for
 
 pytestmark = [pytest.mark.broker]
@@ -383,7 +383,7 @@ def sb(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
 def test_cli_refuses_world_readable_dir_and_bad_settings(tmp_path: Path) -> None:
     key_file = tmp_path / "bus.key"
     write_new_key_file(key_file)
-    env = {"SESSIONBUS_BUS_KEY_FILE": str(key_file), "SESSIONBUS_AMQP_URL": AMQP_URL}
+    env = role_env({"SESSIONBUS_BUS_KEY_FILE": str(key_file), "SESSIONBUS_AMQP_URL": AMQP_URL})
     out = tmp_path / "open"
     out.mkdir()
     os.chmod(out, 0o755)

@@ -109,6 +109,9 @@ def main(args: argparse.Namespace) -> int:
                           .replace("keep must", "--keep must")) from None
     publisher_id = args.publisher_id or default_publisher_id()
     keys = common.keys()
+    if not keys.can_sign_rings:
+        raise ConfigError("no ring signing key: pass --ring-signing-key-file or set "
+                          "SESSIONBUS_RING_SIGNING_KEY_FILE (`sessionbus bus-key signing-key`)")
 
     async def serve(stop: asyncio.Event) -> int:
         if common.metrics:
