@@ -102,10 +102,12 @@ def role_env(env: dict[str, str]) -> dict[str, str]:
     return out
 
 
-def start(args: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> Proc:
+def start(args: list[str], env: dict[str, str] | None = None, cwd: Path | None = None,
+          module: str = "sessionbus") -> Proc:
+    """``python -m MODULE ARGS`` (the CLI; ``tests.inject_fault`` for the supervision tests)."""
     full_env = role_env({**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
     popen = subprocess.Popen(
-        [sys.executable, "-m", "sessionbus", *args],
+        [sys.executable, "-m", module, *args],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env,
         cwd=str(cwd or REPO),
     )
