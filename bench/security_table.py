@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import re
 import subprocess
 import sys
@@ -23,8 +24,6 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
-
-from bench.reliability_table import machine
 
 REPO = Path(__file__).resolve().parent.parent
 DOC = REPO / "docs" / "security.md"
@@ -44,6 +43,12 @@ def record(attack: str, *, role: str, tried: int, accepted: int, result: str) ->
            "at": time.time()}
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(row) + "\n")
+
+
+def machine() -> str:
+    return (f"{os.cpu_count()} cores, Python {platform.python_version()}, "
+            f"{platform.system()} {platform.release()}, load average "
+            f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
 def _cell(text: Any) -> str:

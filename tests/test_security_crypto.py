@@ -323,8 +323,9 @@ async def test_attack_keyfile_host_material_opens_no_session_and_publishes_nothi
     await replica.stop(5)
     record("keyfile host opens sessions or publishes events",
            role="keyfile host: ring-only file, ring public key",
-           tried=len(sids) + 1 + 4, accepted=0,
-           result=f"{sum(refused.values())} session messages on the stream: unknown_key (it "
+           tried=sum(refused.values()) + 1 + 4, accepted=0,
+           result=f"the stream's {sum(refused.values())} session message(s) ({len(sids)} "
+                  f"sessions): unknown_key (it "
                   f"holds no session key); sealing a session: impossible; 4 events sealed under "
                   f"its ring key: unknown_key, dead-lettered, none applied; control: it follows "
                   f"the signed ring")
