@@ -732,3 +732,28 @@ async def test_bus_key_rotation_three_steps_without_downtime(
         run.cancel()
     assert await wait_until(lambda: all(s in replica.cache for s in sids))
     await replica.stop(5)
+
+
+def test_attack_65536_session_contexts_fill_no_table_and_raise_nothing(session_der: Any) -> None:
+    """A key holder floods a cache front (which takes every context) with distinct sid_ctx
+    values: the replica's interned table refuses the excess instead of raising (which left the
+    message unacked and stalled replication)."""
+    cache = PeerCache(max_entries=1 << 17, max_bytes=1 << 28)
+    now = time.time()
+    taken = refused = 0
+    for i in range(65536 + 100):
+        ctx = i.to_bytes(4, "big")
+        if cache.put(os.urandom(16), b"d", expires=now + 60, origin="node-a", sid_ctx=ctx,
+                     event_time=now):
+            taken += 1
+        else:
+            refused += 1
+    assert (taken, refused) == (65536, 100)
+    sid = os.urandom(16)
+    assert cache.put(sid, b"d", expires=now + 60, origin="node-a", sid_ctx=(7).to_bytes(4, "big"),
+                     event_time=now) and sid in cache  # known contexts still work
+    record("65,536 session id contexts at a cache front",
+           role="a key holder (a cache front takes every context)", tried=65536 + 100,
+           accepted=taken,
+           result=f"{taken:,} interned (the table's bound), {refused} refused as a skipped put, "
+                  "nothing raised, known contexts keep working")
