@@ -210,6 +210,7 @@ async def test_attack_node_forges_a_ring(
     assert pub.ring is not None and not evil_names & {k.name for k in pub.ring.keys}
     assert follower.ring is not None and not evil_names & {k.name for k in follower.ring.keys}
     continued = genuine.keys[0].name in {k.name for k in pub.ring.keys}
+    assert continued, "the new leader must find the genuine ring behind the forged ones"
     await follower.stop()
     reasons: Counter[str] = Counter()
     deadline = time.monotonic() + 10

@@ -28,6 +28,7 @@ import itertools
 import logging
 import time
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractRobustConnection
@@ -268,8 +269,13 @@ class KeyPublisher:
         """The newest ring on the key stream, read after taking the lock (nothing else publishes
         from now on), or None if the stream holds none."""
         assert self._connection is not None
+        # From a few refresh periods back, not the last chunk only: rings that every follower
+        # refuses (forged, if someone could write the stream) may fill the last chunk, and the
+        # genuine ring refreshed before them must still be found.
+        since = datetime.fromtimestamp(
+            time.time() - 3 * self.s.timeline.refresh_every - 5, tz=UTC)
         fresh = KeyFollower(self._connection, self._topo, self._keys, export=False,
-                            metrics=self._metrics, supervisor=self.supervisor)
+                            metrics=self._metrics, supervisor=self.supervisor, start=since)
         try:
             await asyncio.wait_for(fresh.start(), self.s.read_timeout + 10)
             if await fresh.wait(self.s.read_timeout) is not None:
