@@ -30,6 +30,7 @@ from sessionbus.servers.cache.front import CacheFront, CacheSettings
 from sessionbus.servers.cache.store import OPAQUE_SID_CTX, Store
 from tests.conftest import TEST_SID_CTX
 from tests.helpers_der import make_session_der
+from tests.helpers_keys import farm_keys
 
 HTTPD_CTX = b"38049255d275b0b38e6e6c6da4c8b3a1"  # what httpd puts there: 32 hex digits
 MAX_VALUE = 16 << 10
@@ -699,7 +700,7 @@ async def test_redis_oversize_and_disconnect_mid_bulk(front: Front, clients: Any
 @pytest.mark.broker
 async def test_two_fronts_replicate_over_the_broker(amqp_url: str) -> None:
     prefix = f"sbtest-{uuid.uuid4().hex[:10]}"
-    keys = BusKeys([new_key()])
+    keys = farm_keys()
     topo = Topology(prefix=prefix)
     fronts = [
         CacheFront(CacheSettings(node_id=n, memcache=("127.0.0.1", 0), redis=("127.0.0.1", 0),
