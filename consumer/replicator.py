@@ -40,6 +40,7 @@ from sessionbus.schemas.codec import (
     Limits,
     decode_batch,
 )
+from sessionbus.schemas.errors import Reason
 from sessionbus.schemas.events import EventType
 from sessionbus.schemas.sealing import BusKeys
 from sessionbus.tasks import Supervisor
@@ -205,6 +206,7 @@ class Replicator:
         m = self._m
         put = self.cache.put
         remove = self.cache.remove
+        has_room = self.cache.has_room_for
         now = time.time()
         observe = self._lag.observe
         applied = skipped = 0
@@ -216,12 +218,14 @@ class Replicator:
                     # an upsert: a redelivered or replayed NEW is applied again, harmlessly
                     ok = put(ev.session_id, ev.der, expires=ev.expires, origin=ev.origin,
                              sid_ctx=ev.sid_ctx, event_time=ev.time)
-                except ValueError:  # a bounded table (origins, contexts) is full
-                    failed.append((i, TABLE_FULL))
+                except ValueError:  # an id the decoder should have refused: never stall
+                    failed.append((i, Reason.FIELD.value))
                     continue
                 if ok:
                     applied += 1
                     observe(max(0.0, now - ev.time))
+                elif not has_room(ev.origin, ev.sid_ctx):
+                    failed.append((i, TABLE_FULL))  # a bounded table (origins, contexts) is full
                 else:
                     skipped += 1  # removed (tombstone) or expired meanwhile
         else:
@@ -229,7 +233,7 @@ class Replicator:
                 try:
                     remove(ev.session_id, expires=ev.expires, event_time=ev.time)
                 except ValueError:
-                    failed.append((i, TABLE_FULL))
+                    failed.append((i, Reason.FIELD.value))
                     continue
                 applied += 1
                 observe(max(0.0, now - ev.time))
@@ -242,10 +246,9 @@ class Replicator:
         rejected = len(batch.rejected) + len(failed)
         if rejected:
             m[(type_, "rejected")].inc(rejected)
-        if failed:
-            self._rejected.labels(TABLE_FULL).inc(len(failed))
-            return failed
-        return None
+        for _, reason in failed:
+            self._rejected.labels(reason).inc()
+        return failed or None
 
     async def _housekeeping(self) -> None:
         while True:
