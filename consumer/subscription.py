@@ -191,8 +191,8 @@ class Subscription(Generic[T]):
         while not self._stopping:
             await asyncio.sleep(delay)
             try:
-                if self._channel is None or self._channel.is_closed:
-                    return  # the channel's reopen callback subscribes again
+                if self._channel is None or self._channel.is_closed or self._tag is not None:
+                    return  # the channel's reopen callback subscribes (or already did)
                 await self._consume()
                 return
             except Exception as exc:
@@ -204,10 +204,14 @@ class Subscription(Generic[T]):
         if self._stopping:
             return
         log.info("subscription %s: channel reopened, subscribing again", self._source.name)
+        self._tag = None  # the old consumer went with the old channel
         try:
             await self._consume()
-        except BROKER_ERRORS as exc:  # the next reopen tries again
+        except BROKER_ERRORS as exc:  # retried (a reopen that follows also subscribes)
             log.warning("subscription %s: resubscribe failed: %s", self._source.name, exc)
+            if self._resubscribing is None or self._resubscribing.done():
+                self._resubscribing = self._supervisor.spawn(self._resubscribe(),
+                                                             "subscription")
 
     async def _deliver(self, message: AbstractIncomingMessage) -> None:
         self.delivered += 1
