@@ -55,6 +55,11 @@ CACHE_STATS = RequestStats(
 )
 REGISTRY.register(CACHE_STATS)
 CACHE_CONNECTIONS = Gauge("sessionbus_cache_connections", "Open cache front connections")
+CACHE_REFUSED = Counter(
+    "sessionbus_cache_refused_total",
+    "Cache front connections and requests its access control refused, by reason",
+    ["reason"],  # remote, uid (connections); service (a set/get/delete of another context)
+)
 
 for _t in SESSION_EVENT_TYPES:
     EVENTS_PUBLISHED.labels(_t.value)

@@ -39,6 +39,7 @@ _STORE_REPLY = {
     b"another value\r\n",
     SetResult.INVALID: b"-ERR not a TLS session DER with the key's session id\r\n",
     SetResult.TOO_LARGE: b"-ERR value too large\r\n",
+    SetResult.REFUSED: b"-ERR this cache does not serve that service context\r\n",
 }
 
 
@@ -61,6 +62,7 @@ def _wrong_args(name: bytes) -> bytes:
 class RedisConnection(CacheConnection):
     protocol_name = "redis"
     too_many = b"-ERR max number of clients reached\r\n"
+    denied = b"-NOPERM this client may not use this cache\r\n"
 
     def __init__(self, sock: socket.socket, store: Store, conns: Connections) -> None:
         self._argc = 0  # arguments of the current request still to read (0: between requests)
@@ -83,7 +85,7 @@ class RedisConnection(CacheConnection):
         buf += data
         end = len(buf)
         pos = 0
-        while not self.closing:
+        while not (self.closing or self.paused):
             if self._skip:
                 n = min(self._skip, end - pos)
                 self._skip -= n
@@ -158,6 +160,9 @@ class RedisConnection(CacheConnection):
             return
         del buf[:pos]
 
+    def resume(self) -> None:
+        self.received(b"")
+
     def _line(self, buf: bytearray, pos: int, end: int) -> tuple[bytes | None, int]:
         """The line at ``pos`` (without CR LF) and where the next begins; None if incomplete."""
         max_line = self.limits.max_line
@@ -172,6 +177,10 @@ class RedisConnection(CacheConnection):
     # --- commands ------------------------------------------------------------------------------
 
     def _run(self) -> None:
+        self._run_command()
+        self.spent()
+
+    def _run_command(self) -> None:
         args = self._args
         oversize = self._oversize
         self._args, self._oversize, self._size = [], False, 0
@@ -201,6 +210,7 @@ class RedisConnection(CacheConnection):
         else:
             self.count("get", "hit")
             self.out.append(_bulk(found[1]))
+            self.out_size += len(found[1])
 
     def _set(self, args: list[bytes]) -> None:
         if len(args) < 3:
@@ -243,7 +253,12 @@ class RedisConnection(CacheConnection):
         if len(key) > MAX_KEY or not key:
             self._error(command, _KEY_TOO_LONG)
             return
-        result = self.store.set(key, 0, value, expires)
+        store = self.store
+        if store.defer and store.defers(key):
+            store.set_later(key, 0, value, expires, self.protocol_name, command)
+            self.out.append(OK)  # counted by its outcome when handled
+            return
+        result = store.set(key, 0, value, expires)
         self.count(command, result.value)
         self.out.append(_STORE_REPLY[result])
 
@@ -264,6 +279,7 @@ class RedisConnection(CacheConnection):
             return
         self.count("ping", "ok")
         self.out.append(b"+PONG\r\n" if len(args) == 1 else _bulk(args[1]))
+        self.out_size += len(args[-1])
 
     def _select(self, args: list[bytes]) -> None:
         if len(args) != 2:
