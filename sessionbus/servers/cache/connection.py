@@ -16,7 +16,13 @@ being read until they drain.
 Bounds: at most ``max_connections`` open (one more is told so and closed), a partial line or value
 never exceeds the protocol's own bound (checked by the subclass), a connection that sends nothing
 for ``idle_timeout`` seconds is closed, and a client that stops reading its answers stops being
-read, so no client can make the front hold more than a bounded amount for it.
+read, so no client can make the front hold more than a bounded amount for it. That output budget
+is checked after every command (``spent``), not once per read: a read of small requests can ask
+for megabytes of answers (pipelined multi-gets), so parsing pauses (``spill``) once the answers
+not yet taken exceed ``max_unwritten``, and resumes where it stopped when they are written.
+
+Access (``access.AccessPolicy``) is checked once, when a connection is accepted: a peer that is
+not on loopback, or whose socket's uid is not allowed, gets one line and is closed.
 """
 
 from __future__ import annotations

@@ -4,12 +4,15 @@ What Apache httpd's mod_socache_memcache sends (seen here, see DESIGN.md): ``set
 <bytes> \\r\\n`` (a trailing space before the CRLF), ``get <key>``, ``delete <key> 0`` (the legacy
 time argument, always ``0``), ``version`` and ``quit``.  Served here:
 
-* ``set <key> <flags> <exptime> <bytes> [noreply]`` then the value and CRLF: ``STORED``,
-  ``NOT_STORED`` (a revoked or deleted id; an opaque key held with another value),
-  ``CLIENT_ERROR`` (a ``mod_ssl-sess:`` key whose value is not that session), or, for a value over
-  the limit, ``SERVER_ERROR object too large for cache`` with the value read and discarded, as
-  memcached does (the connection stays usable).
-* ``get <key> [<key> ...]``: ``VALUE <key> <flags> <bytes>`` + value for each hit, then ``END``.
+* ``set <key> <flags> <exptime> <bytes> [noreply]`` then the value and CRLF. A ``mod_ssl-sess:``
+  session's set is answered ``STORED`` at once and validated after (see ``store``: a bad value is
+  counted and dead-lettered; ``--sync-sets`` answers ``CLIENT_ERROR``/``NOT_STORED`` instead). An
+  opaque key's: ``STORED``, ``NOT_STORED`` (deleted, or held with another value), or a
+  ``CLIENT_ERROR`` for a service context not served. A value over the limit:
+  ``SERVER_ERROR object too large for cache`` with the value read and discarded, as memcached
+  does (the connection stays usable).
+* ``get <key> [<key> ...]``: ``VALUE <key> <flags> <bytes>`` + value for each hit, then ``END``
+  (a multi-get pauses whenever its answers exceed the output budget, until the client reads).
 * ``delete <key> [0] [noreply]``: ``DELETED`` or ``NOT_FOUND``.
 * ``version``: ``VERSION ...``; ``quit``: close.
 * other storage commands (``add``, ``replace``, ``append``, ``prepend``, ``cas``): their value is

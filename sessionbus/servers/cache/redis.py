@@ -3,9 +3,10 @@
 What Apache httpd's mod_socache_redis sends (seen here): ``SETEX key secs value``, ``GET key`` and
 ``DEL key`` on database 0, with no AUTH.  Served here (command names in any case, as Redis does):
 
-* ``SETEX key seconds value``, ``SET key value [EX seconds | PX milliseconds]``: ``+OK``, or
-  ``-ERR`` when not stored (see ``cache_store``), for a bad expiry or option, a key over 250 bytes
-  or a value over the limit (an over-long value is read and discarded: the connection stays usable).
+* ``SETEX key seconds value``, ``SET key value [EX seconds | PX milliseconds]``: ``+OK`` (for a
+  ``mod_ssl-sess:`` session at once, validated after: see ``store``), or ``-ERR`` when an opaque
+  value is not stored, for a bad expiry or option, a key over 250 bytes or a value over the limit
+  (an over-long value is read and discarded: the connection stays usable).
 * ``GET key``: the value or the null bulk string; ``DEL key [key ...]``: the number removed.
 * ``PING [message]``, ``SELECT 0`` (any other database: ``-ERR DB index is out of range``),
   ``QUIT`` (``+OK``, then close).

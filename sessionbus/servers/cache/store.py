@@ -22,6 +22,16 @@ of a key held with another value is refused: peers keep the first value they saw
 reaches every replica and leaves a tombstone, and a deleted key cannot be set again until the
 deleted value would have expired. What TLS-session caches (httpd, h2o, ...) do fits this; a
 general-purpose cache that overwrites keys does not.
+
+A TLS session's set is *deferred* (``set_later``): the protocol answers STORED at once, and the DER
+check, the store and the NEW event follow once the answers of that read are written, in a batch
+(or before the next get or delete, so a client reads its own writes). A bad value then cannot be
+answered with an error: it is counted by its outcome and dead-lettered into ``dead_sets`` (key,
+size, reason: never the value, which may hold a master secret) with a log line.
+
+``services`` (``--service``) is the allow-list of session id contexts stored and served: a set of
+another context is refused, a get of one is a miss and a delete of one sends no REMOVE; each is
+counted in ``sessionbus_cache_refused_total{reason="service"}``.
 """
 
 from __future__ import annotations
