@@ -77,8 +77,13 @@ TARGET_VS_MEMCACHED = 0.9
 TARGET_VS_SHMCB = 0.8
 TARGET_P99_MS = 1.0
 KINDS = ("full 1.2", "resumed 1.2", "resumed 1.3")
-# "floor": bench/floor_cache.py, the least a Python memcached server can do (a yardstick)
-BACKENDS = ("shmcb", "memcached", "sessionbus", "floor")
+# "floor": bench/floor_cache.py, the least a Python memcached server can do (a yardstick);
+# "sessionbus-sync": the same cache front with --sync-sets (each set validated and stored
+# before its answer, as before issue 19), to show what deferring sets does, in the same run.
+BACKENDS = ("shmcb", "memcached", "sessionbus", "sessionbus-sync", "floor")
+PYTHON_CACHES = ("sessionbus", "sessionbus-sync", "floor")  # their CPU per resumption is measured
+TARGET_CPU_VS_FLOOR = 1.5
+TARGET_RATE_VS_FLOOR = 0.95
 
 
 def _sizes() -> dict[str, float]:
@@ -206,34 +211,48 @@ class Window:
     reused: int = 0
     full: int = 0
     seconds: float = 0.0
+    cpu: float = 0.0  # CPU seconds of the cache process over the counted window (if asked)
+    cpu_reused: int = 0  # resumptions those CPU seconds served
 
     def add(self, other: Window) -> None:
         self.reused += other.reused
         self.full += other.full
         self.seconds += other.seconds
+        self.cpu += other.cpu
+        self.cpu_reused += other.cpu_reused
+
+    def cpu_per_resumption_us(self) -> float:
+        return self.cpu / self.cpu_reused * 1e6 if self.cpu_reused else float("nan")
 
     def rate(self, kind: str) -> float:
         n = self.full if kind.startswith("full") else self.reused
         return n / self.seconds if self.seconds else 0.0
 
 
-def load_window(port: int, kind: str, seconds: float, ramp: float) -> Window:
+def load_window(port: int, kind: str, seconds: float, ramp: float,
+                cpu_pid: int | None = None) -> Window:
+    """Load one server; with ``cpu_pid``, also that process's CPU over the counted window."""
     clients = [STime(port, kind) for _ in range(CLIENTS)]
     try:
         time.sleep(ramp)
+        c0 = cpu_seconds(cpu_pid) if cpu_pid else 0.0
         a = [c.counts() for c in clients]
         t0 = time.monotonic()
         time.sleep(seconds)
         b = [c.counts() for c in clients]
         t1 = time.monotonic()
+        c1 = cpu_seconds(cpu_pid) if cpu_pid else 0.0
     finally:
         for c in clients:
             c.stop()
-    return Window(
+    w = Window(
         sum(y[0] - x[0] for x, y in zip(a, b, strict=True)),
         sum(y[1] - x[1] for x, y in zip(a, b, strict=True)),
         t1 - t0,
     )
+    if cpu_pid:
+        w.cpu, w.cpu_reused = c1 - c0, w.reused
+    return w
 
 
 # --- the sessionbus cache ---------------------------------------------------------------------
@@ -283,6 +302,7 @@ class Setup:
     children: list[Child] = field(default_factory=list)
     servers: list[Httpd] = field(default_factory=list)
     memcached: Memcached | None = None
+    pids: dict[str, int] = field(default_factory=dict)  # the Python caches' processes
 
 
 @contextlib.contextmanager
@@ -306,6 +326,15 @@ def setup() -> Iterator[tuple[Setup, dict[str, Httpd], CacheProc, Memcached]]:
             child.wait_for("listening", 30)
             child.wait_for("is warm", 30)
             cache = CacheProc(child, port, mport)
+            sync_port = free_port()
+            sync = Child(
+                [*_pin(SERVER_CPUS), sys.executable, "-m", "sessionbus", "cache", "--node-id",
+                 "bench-cache-sync", "--memcache", f"127.0.0.1:{sync_port}", "--metrics",
+                 f"127.0.0.1:{free_port()}", "--session-timeout", "600", "--log-level", "info",
+                 "--sync-sets"], env)
+            s.children.append(sync)
+            sync.wait_for("listening", 30)
+            sync.wait_for("is warm", 30)
             floor_port = free_port()
             floor = Child([*_pin(SERVER_CPUS), sys.executable, "-m", "bench.floor_cache",
                            str(floor_port)])
@@ -316,6 +345,7 @@ def setup() -> Iterator[tuple[Setup, dict[str, Httpd], CacheProc, Memcached]]:
                 "shmcb": f"shmcb:{d}/shmcb(512000)",
                 "memcached": f"memcache:127.0.0.1:{mc.port}",
                 "sessionbus": f"memcache:127.0.0.1:{port}",
+                "sessionbus-sync": f"memcache:127.0.0.1:{sync_port}",
                 "floor": f"memcache:127.0.0.1:{floor_port}",
             }
             servers: dict[str, Httpd] = {}
@@ -327,6 +357,7 @@ def setup() -> Iterator[tuple[Setup, dict[str, Httpd], CacheProc, Memcached]]:
             for h in servers.values():
                 if not wait_listening(h.port):
                     raise RuntimeError("httpd is not listening")
+            s.pids = {"sessionbus": child.pid, "sessionbus-sync": sync.pid, "floor": floor.pid}
             yield s, servers, cache, mc
         finally:
             for h in s.servers:
@@ -336,7 +367,8 @@ def setup() -> Iterator[tuple[Setup, dict[str, Httpd], CacheProc, Memcached]]:
                     c.stop()
             if s.memcached is not None:
                 s.memcached.stop()
-            delete_topology(prefix, [f"{prefix}.replica.bench-cache"])
+            delete_topology(prefix, [f"{prefix}.replica.bench-cache",
+                                     f"{prefix}.replica.bench-cache-sync"])
 
 
 # --- measurement -----------------------------------------------------------------------------
@@ -356,7 +388,7 @@ def measure() -> dict[str, Any]:
         first, _, last = CLIENT_CPUS.partition("-")
         os.sched_setaffinity(0, set(range(int(first), int(last or first) + 1)))
     try:
-        with setup() as (_s, servers, cache, mc):
+        with setup() as (s, servers, cache, mc):
             started = time.monotonic()
             probe_port = {"memcached": mc.port, "sessionbus": cache.port}
             for kind in KINDS:  # warm every path once
@@ -371,7 +403,12 @@ def measure() -> dict[str, Any]:
                     order = BACKENDS[k:] + BACKENDS[:k]
                     for b in order:
                         port = servers[b].port
-                        if kind == "resumed 1.2" and b in probes:
+                        # The probe's gets would count as the front's CPU: on odd rounds only,
+                        # and CPU per resumption is measured on the others.
+                        probed = kind == "resumed 1.2" and b in probes and r % 2 == 1
+                        cpu_pid = (s.pids.get(b) if kind.startswith("resumed") and not probed
+                                   else None)
+                        if probed:
                             c0 = cpu_seconds(cache.child.pid)
                             before = cache.histogram()
                             span = sizes["window"] + sizes["ramp"]
@@ -386,7 +423,7 @@ def measure() -> dict[str, Any]:
                                 for k, v in after.items():
                                     hist[k] = hist.get(k, 0.0) + v - before.get(k, 0.0)
                         else:
-                            w = load_window(port, kind, sizes["window"], sizes["ramp"])
+                            w = load_window(port, kind, sizes["window"], sizes["ramp"], cpu_pid)
                         totals[(kind, b)].add(w)
                         per_round[(kind, b)].append(w.rate(kind))
     finally:
@@ -428,6 +465,31 @@ def run() -> list[dict[str, Any]]:
                 f"httpd {kind} handshakes/s, sessionbus cache (base: {base})", sb_rate, "hs/s",
                 base_rate, f"ratio ≥{target}" if resumed else "(info)",
                 ratio >= target if resumed else None, note=note,
+            ))
+    for kind in KINDS[1:]:
+        fl = t[(kind, "floor")]
+        fl_cpu, fl_rate = fl.cpu_per_resumption_us(), fl.rate(kind)
+        for b in ("sessionbus", "sessionbus-sync"):
+            w = t[(kind, b)]
+            cpu, rate = w.cpu_per_resumption_us(), w.rate(kind)
+            deferred = b == "sessionbus"
+            label = "sessionbus cache" if deferred else "sessionbus cache --sync-sets"
+            rounds = sorted(x / y for x, y in zip(m["per_round"][(kind, b)],
+                                                  m["per_round"][(kind, "floor")], strict=True)
+                            if y)
+            rows.append(row(
+                f"cache CPU per resumption, {kind}, {label} (base: Python floor)", cpu, "us",
+                fl_cpu, f"≤{TARGET_CPU_VS_FLOOR}x" if deferred else "(info: sets before answer)",
+                (cpu <= TARGET_CPU_VS_FLOOR * fl_cpu) if deferred else None,
+                note=f"/proc CPU of the cache process (all threads: publishing too) over the "
+                f"counted windows: {w.cpu:.2f} s for {w.cpu_reused:,} resumptions; floor "
+                f"{fl.cpu:.2f} s for {fl.cpu_reused:,}",
+            ))
+            rows.append(row(
+                f"httpd {kind} handshakes/s, {label} (base: Python floor)", rate, "hs/s",
+                fl_rate, f"ratio ≥{TARGET_RATE_VS_FLOOR}" if deferred else "(info)",
+                (rate >= TARGET_RATE_VS_FLOOR * fl_rate) if deferred else None,
+                note=f"ratio per round {min(rounds, default=0):.2f}..{max(rounds, default=0):.2f}",
             ))
     for kind in KINDS[1:]:
         fl, mc = t[(kind, "floor")], t[(kind, "memcached")]
