@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from prometheus_client import REGISTRY
 
 from sessionbus.servers.cache.access import AccessPolicy, is_loopback, peer_uid, service_context
 from sessionbus.servers.cache.store import OPAQUE_SID_CTX
@@ -52,8 +51,8 @@ except OSError as exc:
 """
 
 
-def refused(reason: str) -> float:
-    return REGISTRY.get_sample_value("sessionbus_cache_refused_total", {"reason": reason}) or 0.0
+def refused(f: protocols.Front, reason: str) -> float:
+    return f.front.metrics.value("sessionbus_cache_refused_total", {"reason": reason})
 
 
 async def version_as(uid: int, port: int) -> str:
@@ -75,12 +74,12 @@ async def test_front_refuses_a_context_it_does_not_serve(front_with: Any, client
     c = await clients(f.mc_port)
     r = await clients(f.redis_port)
     mine, theirs = tls_session(ctx=HTTPD_CTX), tls_session(ctx=OTHER_CTX)
-    before, refused_set = refused("service"), requests("set", "refused")
+    before, refused_set = refused(f, "service"), requests(f, "set", "refused")
     assert await c.ask(mc_set(mc_key(mine), mine)) == b"STORED\r\n"
     # answered at once (a deferred set), then refused: counted, never stored nor published
     assert await c.ask(mc_set(mc_key(theirs), theirs)) == b"STORED\r\n"
     assert await c.ask(b"get " + mc_key(theirs) + b"\r\n", b"END\r\n") == b"END\r\n"
-    assert requests("set", "refused") == refused_set + 1
+    assert requests(f, "set", "refused") == refused_set + 1
     assert [e[1] for e in f.events.new] == [HTTPD_CTX]
     assert f.store.dead_sets[-1].key == mc_key(theirs)
     # a session of the other service held anyway (a peer replicated it): not served, not deleted
@@ -99,7 +98,7 @@ async def test_front_refuses_a_context_it_does_not_serve(front_with: Any, client
     got = await c.ask(mc_set(b"app:token", b"v"))
     assert got == b"CLIENT_ERROR this cache does not serve that service context\r\n"
     assert (await r.ask(resp(b"SET", b"app:token", b"v"))).startswith(b"-ERR this cache")
-    assert refused("service") == before + 8  # set, get x2, delete x3, opaque set x2
+    assert refused(f, "service") == before + 8  # set, get x2, delete x3, opaque set x2
     # its own service is served in full
     assert (await c.ask(b"get " + mc_key(mine) + b"\r\n", b"END\r\n")).startswith(b"VALUE")
     assert await c.ask(b"delete " + mc_key(mine) + b" 0\r\n") == b"DELETED\r\n"
@@ -184,9 +183,8 @@ def test_a_peer_off_loopback_is_refused() -> None:
 @needs_root
 async def test_a_client_of_another_uid_is_refused(front_with: Any, clients: Any) -> None:
     f = await front_with(access=AccessPolicy(uids=frozenset({0})))
-    before = refused("uid")
     assert await version_as(NOBODY, f.mc_port) == repr(b"SERVER_ERROR access denied\r\n")
-    assert refused("uid") == before + 1
+    assert refused(f, "uid") == 1
     c = await clients(f.mc_port)  # root, this process
     assert await c.ask(b"version\r\n") == b"VERSION 1.6.0-sessionbus\r\n"
     # and the other way round: nobody allowed, root refused
@@ -195,7 +193,7 @@ async def test_a_client_of_another_uid_is_refused(front_with: Any, clients: Any)
     r = await clients(g.redis_port)
     assert await r.line() == b"-NOPERM this client may not use this cache\r\n"
     assert await r.closed()
-    assert refused("uid") == before + 2
+    assert refused(g, "uid") == 1 and refused(f, "uid") == 1
     # without the filter, any local user is served
     h = await front_with()
     assert await version_as(NOBODY, h.mc_port) == repr(b"VERSION 1.6.0-sessionbus\r\n")

@@ -18,12 +18,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from prometheus_client import REGISTRY
 
 from sessionbus.bus.connection import BrokerSettings
 from sessionbus.bus.topology import Topology
 from sessionbus.consumer.peer_cache import PeerCache
-from sessionbus.producer import metrics
 from sessionbus.schemas.events import RemoveReason
 from sessionbus.schemas.sealing import BusKeys, new_key
 from sessionbus.schemas.session_der import parse_session
@@ -101,7 +99,7 @@ async def make_front(limits: FrontLimits = FrontLimits(),  # noqa: B008
     f.cache = PeerCache(clock=clock)
     f.store = Store("cache-test", f.cache, events, session_lifetime=600,  # type: ignore[arg-type]
                     max_value=limits.max_value, clock=clock, services=access.services,
-                    defer=defer)
+                    defer=defer, metrics=f.metrics.cache)
     await f.start()
     return Front(f, events, clock)
 
@@ -202,12 +200,11 @@ def mc_set(key: bytes, value: bytes, exptime: int = 299, flags: int = 0,
     return b"set %b %d %d %d%b\r\n%b\r\n" % (key, flags, exptime, len(value), trailer, value)
 
 
-def requests(command: str, result: str, protocol: str = "memcache") -> float:
-    value = REGISTRY.get_sample_value(
+def requests(f: Front, command: str, result: str, protocol: str = "memcache") -> float:
+    return f.front.metrics.value(
         "sessionbus_cache_requests_total",
         {"protocol": protocol, "command": command, "result": result},
     )
-    return value or 0.0
 
 
 def resp(*args: bytes) -> bytes:
@@ -248,10 +245,10 @@ async def test_httpd_set_get_delete(front: Front, clients: Any) -> None:
     assert front.events.get[-1][0] == sid and front.events.get[-1][3] is False
     # a deleted session never comes back, whoever stores it again. The set is answered at
     # once (deferred, issue 19), so it is STORED on the wire, counted not_stored, never served.
-    not_stored = requests("set", "not_stored")
+    not_stored = requests(front, "set", "not_stored")
     assert await c.ask(mc_set(key, der)) == b"STORED\r\n"
     assert await c.ask(b"get " + key + b"\r\n", b"END\r\n") == b"END\r\n"
-    assert requests("set", "not_stored") == not_stored + 1
+    assert requests(front, "set", "not_stored") == not_stored + 1
     await c.send(b"quit\r\n")
     assert await c.closed()
 
@@ -333,12 +330,12 @@ async def test_session_values_must_be_that_session(front: Front, clients: Any) -
     c = await clients(front.mc_port)
     der = tls_session()
     wrong = tls_session()  # another session's DER under this key
-    invalid = requests("set", "invalid")
+    invalid = requests(front, "set", "invalid")
     for value in (b"not a DER", wrong):
         assert await c.ask(mc_set(mc_key(der), value)) == b"STORED\r\n"
     assert await c.ask(mc_set(mc_key(der), der, flags=1)) == b"STORED\r\n"
     assert await c.ask(b"get " + mc_key(der) + b"\r\n", b"END\r\n") == b"END\r\n"
-    assert requests("set", "invalid") == invalid + 3
+    assert requests(front, "set", "invalid") == invalid + 3
     dead = list(front.store.dead_sets)[-3:]
     assert [d.key for d in dead] == [mc_key(der)] * 3
     assert [d.size for d in dead] == [9, len(wrong), len(der)]
@@ -580,8 +577,10 @@ async def test_a_slow_reader_gets_every_answer_once_it_reads(front: Front, clien
 
 
 async def test_metrics_count_requests_and_connections(front: Front, clients: Any) -> None:
+    registry = front.front.metrics.registry
+
     def count(command: str, result: str) -> float:
-        value = REGISTRY.get_sample_value(
+        value = registry.get_sample_value(
             "sessionbus_cache_requests_total",
             {"protocol": "memcache", "command": command, "result": result},
         )
@@ -589,10 +588,10 @@ async def test_metrics_count_requests_and_connections(front: Front, clients: Any
 
     hits, misses = count("get", "hit"), count("get", "miss")
     stored, deleted = count("set", "stored"), count("delete", "deleted")
-    observed_before = REGISTRY.get_sample_value(
+    observed_before = registry.get_sample_value(
         "sessionbus_cache_request_duration_seconds_count", {"protocol": "memcache"}
     ) or 0.0
-    before = metrics.CACHE_CONNECTIONS._value.get()
+    before = front.front.metrics.value("sessionbus_cache_connections")
     c = await clients(front.mc_port)
     der = tls_session()
     await c.ask(mc_set(mc_key(der), der))
@@ -603,12 +602,12 @@ async def test_metrics_count_requests_and_connections(front: Front, clients: Any
     assert count("get", "hit") == hits + 2 and count("get", "miss") == misses + 2
     assert await c.ask(b"delete " + mc_key(der) + b" 0\r\n") == b"DELETED\r\n"
     assert count("set", "stored") == stored + 1 and count("delete", "deleted") == deleted + 1
-    assert metrics.CACHE_CONNECTIONS._value.get() == before + 1
-    observed = REGISTRY.get_sample_value(
+    assert front.front.metrics.value("sessionbus_cache_connections") == before + 1
+    observed = registry.get_sample_value(
         "sessionbus_cache_request_duration_seconds_count", {"protocol": "memcache"}
     )
     assert observed is not None and observed >= observed_before + 5
-    inf = REGISTRY.get_sample_value(
+    inf = registry.get_sample_value(
         "sessionbus_cache_request_duration_seconds_bucket", {"protocol": "memcache", "le": "+Inf"}
     )
     assert inf == observed

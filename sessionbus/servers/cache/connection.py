@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sessionbus.producer import metrics
+from sessionbus.metrics import CacheMetrics, Metrics
 from sessionbus.schemas.codec import DEFAULT_LIMITS
 from sessionbus.servers.cache.access import AccessPolicy
 from sessionbus.servers.cache.store import Store
@@ -52,10 +52,10 @@ _ACCEPT_PAUSE_ERRNOS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, err
 _ACCEPT_PAUSE = 1.0  # seconds
 
 
-def precreate(protocol: str) -> None:
+def precreate(stats: CacheMetrics, protocol: str) -> None:
     """Create the usual label combinations so dashboards see zeros, not gaps."""
     get, delete = ("get", "delete") if protocol == "memcache" else ("get", "del")
-    metrics.CACHE_STATS.precreate(protocol, (
+    stats.requests.precreate(protocol, (
         (get, "hit"), (get, "miss"), ("set", "stored"), ("set", "not_stored"),
         (delete, "deleted"), (delete, "not_found"),
     ))
@@ -81,8 +81,10 @@ class FrontLimits:
 class Connections:
     """The open connections of every listener of one front (for the limit and the idle sweep)."""
 
-    def __init__(self, limits: FrontLimits, access: AccessPolicy = AccessPolicy()) -> None:  # noqa: B008
+    def __init__(self, limits: FrontLimits, metrics: CacheMetrics | None = None,
+                 access: AccessPolicy = AccessPolicy()) -> None:  # noqa: B008
         self.limits = limits
+        self.metrics = metrics or Metrics().cache
         self.access = access
         self.open: set[CacheConnection] = set()
         self.refused = 0
@@ -112,9 +114,13 @@ class Connections:
 class Listener:
     """A listening socket whose connections become ``factory(sock)`` on the running loop."""
 
-    def __init__(self, sock: socket.socket, factory: Callable[[socket.socket], object]) -> None:
+    def __init__(
+        self, sock: socket.socket, factory: Callable[[socket.socket], object],
+        on_failure: Callable[[BaseException], None],
+    ) -> None:
         self._sock = sock
         self._factory = factory
+        self._on_failure = on_failure
         self._loop = asyncio.get_running_loop()
         self._fd = sock.fileno()
         self._closed = False
@@ -123,7 +129,7 @@ class Listener:
 
     @classmethod
     def bind(cls, host: str, port: int, factory: Callable[[socket.socket], object],
-             backlog: int = 1024) -> Listener:
+             on_failure: Callable[[BaseException], None], backlog: int = 1024) -> Listener:
         last: OSError | None = None
         for family, type_, proto, _, addr in socket.getaddrinfo(
             host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
@@ -137,7 +143,7 @@ class Listener:
                 sock.close()
                 last = exc
                 continue
-            return cls(sock, factory)
+            return cls(sock, factory, on_failure)
         raise last or OSError(f"cannot listen on {host}:{port}")
 
     def address(self) -> tuple[str, int]:
@@ -145,6 +151,15 @@ class Listener:
         return host, port
 
     def _accept(self) -> None:
+        # A listener that cannot accept is a front that serves nobody: it stops listening and
+        # the process ends (the supervisor), rather than a front that looks up and answers none.
+        try:
+            self._accept_some()
+        except Exception as exc:
+            self.close()
+            self._on_failure(exc)
+
+    def _accept_some(self) -> None:
         for _ in range(64):  # bounded: other ready sockets get their turn
             try:
                 sock, _addr = self._sock.accept()
@@ -159,8 +174,7 @@ class Listener:
                     return
                 if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
                     continue
-                log.error("accept failed: %s", exc)
-                return
+                raise
             try:
                 self._factory(sock)
             except Exception:  # one connection's set-up must not stop the listener
@@ -197,7 +211,8 @@ class CacheConnection:
         # Parsing stopped after a command because its answers exceed the budget; it goes on
         # (``resume``) once they are written. Reading stops meanwhile.
         self.paused = False
-        self.observe = functools.partial(metrics.CACHE_STATS.observe, self.protocol_name)
+        self._stats = conns.metrics
+        self.observe = functools.partial(self._stats.requests.observe, self.protocol_name)
         self._sock = sock
         self._fd = sock.fileno()
         self._loop = asyncio.get_running_loop()
@@ -215,7 +230,7 @@ class CacheConnection:
         except OSError:  # the peer is already gone
             refusal = "remote"
         if refusal is not None:
-            metrics.CACHE_REFUSED.labels(refusal).inc()
+            conns.metrics.refused.labels(refusal).inc()
             self.count("connect", "denied")
             conns.log_refusal(self.protocol_name, refusal)
             self._refuse(self.denied)
@@ -227,7 +242,7 @@ class CacheConnection:
         # answers, not 4 MiB of answers made for nothing (x 1,024 connections).
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SEND_BUFFER)
         conns.open.add(self)
-        metrics.CACHE_CONNECTIONS.inc()
+        self._stats.connections.inc()
         self._start_reading()
 
     def _refuse(self, line: bytes) -> None:
@@ -319,7 +334,7 @@ class CacheConnection:
         return False
 
     def count(self, command: str, result: str) -> None:
-        metrics.CACHE_STATS.count(self.protocol_name, command, result)
+        self._stats.requests.count(self.protocol_name, command, result)
 
     def fail(self, line: bytes, command: str = "malformed") -> None:
         """Answer ``line`` (after the answers before it) and close: the client sent something
@@ -391,7 +406,7 @@ class CacheConnection:
         self._buf = bytearray()
         self._sock.close()
         self.conns.open.discard(self)
-        metrics.CACHE_CONNECTIONS.dec()
+        self._stats.connections.dec()
 
     def _start_reading(self) -> None:
         self._reading = True

@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from sessionbus.consumer.peer_cache import PeerCache
-from sessionbus.producer import metrics
+from sessionbus.metrics import CacheMetrics, Metrics
 from sessionbus.producer.outbox import Outbox
 from sessionbus.schemas.events import MAX_SESSION_ID, RemoveReason
 from sessionbus.schemas.session_der import DerError, parse_session
@@ -116,6 +116,7 @@ class Store:
         clock: Callable[[], float] = time.time,
         services: frozenset[bytes] | None = None,
         defer: bool = True,
+        metrics: CacheMetrics | None = None,
     ) -> None:
         self.node_id = node_id
         self.cache = cache
@@ -127,6 +128,7 @@ class Store:
         # The session id contexts stored and served (None: every one); OPAQUE_SID_CTX stands
         # for the opaque keys.
         self.services = services
+        self.metrics = metrics or Metrics().cache
         # Answer a TLS session's set at once, handle it after (issue 19); False: validate first
         # and answer with the outcome (a bad value gets an error).
         self.defer = defer
@@ -162,7 +164,7 @@ class Store:
         """Handle the deferred sets, in the order they came."""
         self._drain_scheduled = False
         batch, self._deferred = self._deferred, []
-        count = metrics.CACHE_STATS.count
+        count = self.metrics.requests.count
         for key, flags, value, expires, protocol, command in batch:
             result = self.set(key, flags, value, expires)
             count(protocol, command, result.value)
@@ -181,7 +183,7 @@ class Store:
                 else "its service context is not served here", key[:80], size, reason.value)
 
     def _refused(self) -> None:
-        metrics.CACHE_REFUSED.labels("service").inc()
+        self.metrics.refused.labels("service").inc()
 
     def set(self, key: bytes, flags: int, value: bytes, expires: float | None) -> SetResult:
         """Store ``value`` under ``key`` until ``expires`` (unix seconds; None: the lifetime).
