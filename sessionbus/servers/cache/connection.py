@@ -272,6 +272,7 @@ class CacheConnection:
             log.exception("%s connection failed", self.protocol_name)
             self.closing = True
         self.flush()
+        self.store.after_answers()
 
     def _on_writable(self) -> None:
         pending = self._unwritten
@@ -301,6 +302,7 @@ class CacheConnection:
             log.exception("%s connection failed", self.protocol_name)
             self.closing = True
         self.flush()
+        self.store.after_answers()
         if self._open and not (self.paused or self.closing or self._reading or self._unwritten):
             self._start_reading()
 

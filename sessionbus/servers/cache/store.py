@@ -36,7 +36,6 @@ counted in ``sessionbus_cache_refused_total{reason="service"}``.
 
 from __future__ import annotations
 
-import asyncio
 import binascii
 import collections
 import logging
@@ -134,7 +133,6 @@ class Store:
         self.defer = defer
         # Deferred sets: (key, flags, value, expires, protocol, command), handled in order.
         self._deferred: list[tuple[bytes, int, bytes, float | None, str, str]] = []
-        self._drain_scheduled = False
         self.dead_sets: collections.deque[DeadSet] = collections.deque(maxlen=DEAD_SETS_KEPT)
         self._dead_logged_at = -60.0
 
@@ -148,25 +146,34 @@ class Store:
 
     def set_later(self, key: bytes, flags: int, value: bytes, expires: float | None,
                   protocol: str, command: str = "set") -> None:
-        """Take a set answered STORED already; it is validated, stored and published after
-        the answers of this read are written (or before the next get or delete). Its outcome is
+        """Take a set answered STORED already; it is validated, stored and published once the
+        answers of this read are written (``after_answers``), or before the next get or delete
+        (whichever comes first). Its outcome is
         counted under ``protocol``/``command``; a bad value is dead-lettered (``dead_sets``, a
         log line), since no answer can carry it any more."""
         deferred = self._deferred
         if len(deferred) >= MAX_DEFERRED:
             self.drain()
         deferred.append((key, flags, value, expires, protocol, command))
-        if not self._drain_scheduled:
-            self._drain_scheduled = True
-            asyncio.get_running_loop().call_soon(self.drain)
+
+    def after_answers(self) -> None:
+        """Handle the deferred sets now that the answers that took them are written. The
+        connection calls it at the end of the callback that read them, not through call_soon:
+        that would turn the loop once more per set (an epoll_wait and a handle)."""
+        if self._deferred:
+            self.drain()
 
     def drain(self) -> None:
         """Handle the deferred sets, in the order they came."""
-        self._drain_scheduled = False
         batch, self._deferred = self._deferred, []
         count = self.metrics.requests.count
         for key, flags, value, expires, protocol, command in batch:
-            result = self.set(key, flags, value, expires)
+            try:
+                result = self.set(key, flags, value, expires)
+            except Exception:  # a bug must cost this set, not the rest of the batch
+                log.exception("a deferred set failed")
+                count(protocol, command, "error")
+                continue
             count(protocol, command, result.value)
             if result is SetResult.INVALID or result is SetResult.REFUSED:
                 self._dead_letter(key, len(value), result)
