@@ -67,6 +67,10 @@ KEYFILE_WRITES = Counter("sessionbus_keyfile_writes_total", "Key files rewritten
 KEYFILE_COMMAND_FAILURES = Counter(
     "sessionbus_keyfile_command_failures_total", "--on-change commands that failed"
 )
+KEYFILE_ANNOUNCE_AHEAD_SHORT = Gauge(
+    "sessionbus_keyfile_announce_ahead_short",
+    "1 while the ring announces keys less far ahead than the server's known reload latency",
+)
 
 
 def precreate() -> None:
