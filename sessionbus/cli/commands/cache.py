@@ -63,6 +63,9 @@ def register(sub: Any, exit_codes: str) -> None:
                    "spell they go at once; longer costs less CPU per session, shorter "
                    "replicates sooner (default %(default)s; lookups, statistics only, wait up "
                    "to 0.25 s)")
+    p.add_argument("--push", type=host_port, metavar="HOST:PORT",
+                   help="push subscriptions (Traffic Server's sessionbus plugin): the "
+                   "replica's sessions replayed on subscribe, then peers' NEW and REMOVE")
     p.add_argument("--no-replication", action="store_true",
                    help="a local store only: no broker, no peers (for comparison)")
     add_common(p)
@@ -86,7 +89,7 @@ def main(args: argparse.Namespace) -> int:
         session_timeout=args.session_timeout, replication=not args.no_replication,
         limits=FrontLimits(max_connections=args.max_connections,
                            idle_timeout=args.idle_timeout),
-        outbox=replace(CACHE_OUTBOX, min_interval=args.linger),
+        outbox=replace(CACHE_OUTBOX, min_interval=args.linger), push=args.push,
     )
     keys = common.keys()
 

@@ -33,8 +33,9 @@ from sessionbus.servers.cache.connection import (
     precreate,
 )
 from sessionbus.servers.cache.memcache import MemcacheConnection
+from sessionbus.servers.cache.push import PushServer
 from sessionbus.servers.cache.redis import RedisConnection
-from sessionbus.servers.cache.store import Store
+from sessionbus.servers.cache.store import OPAQUE_SID_CTX, Store
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,7 @@ class CacheSettings:
     outbox: OutboxSettings = CACHE_OUTBOX
     max_replica_entries: int = 1_000_000
     max_replica_bytes: int = 512 * 2**20
+    push: tuple[str, int] | None = None  # push subscriptions (servers/cache/push.py: ATS)
 
 
 class CacheFront:
@@ -93,6 +95,7 @@ class CacheFront:
         )
         self.connections = Connections(settings.limits)
         self._servers: dict[str, Listener] = {}
+        self.push: PushServer | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
     def address(self, protocol: str) -> tuple[str, int]:
@@ -126,6 +129,15 @@ class CacheFront:
         except OSError:
             await self.stop(0.5)
             raise
+        if self.settings.push is not None:
+            self.push = PushServer(self.cache, self.settings.node_id,
+                                   opaque_sid_ctx=OPAQUE_SID_CTX)
+            try:
+                await self.push.start(*self.settings.push)
+            except OSError:
+                await self.stop(0.5)
+                raise
+            log.info("cache %s: push on %s:%d", self.settings.node_id, *self.push.address())
         self._tasks.append(loop.create_task(self._housekeeping()))
 
     async def wait_bus_ready(self, timeout: float) -> bool:
@@ -145,6 +157,8 @@ class CacheFront:
     async def stop(self, drain_timeout: float = 5.0) -> None:
         for server in self._servers.values():
             server.close()
+        if self.push is not None:
+            await self.push.stop()
         self.connections.close_all()
         await self.bus.flush_and_stop_replica(drain_timeout)
         for t in self._tasks:
