@@ -71,7 +71,7 @@ CONFIG proxy.config.ssl.server.session_ticket.number INT 1
 CONFIG proxy.config.ssl.session_cache INT {session_cache}
 CONFIG proxy.config.ssl.session_cache.timeout INT 3600
 CONFIG proxy.config.ssl.TLSv1_3 INT 1
-CONFIG proxy.config.diags.debug.enabled INT 1
+CONFIG proxy.config.diags.debug.enabled INT {debug}
 CONFIG proxy.config.diags.debug.tags STRING ssl_load|sessionbus
 CONFIG proxy.config.diags.output.debug STRING L
 CONFIG proxy.config.body_factory.template_sets_dir STRING {body_factory}
@@ -92,6 +92,7 @@ class ATS:
     plugin_line: str = ""
     session_cache: int = 0
     tickets: bool = True
+    debug: bool = True  # ssl_load|sessionbus debug lines in diags.log (tests read them)
     started_at: float = 0.0
     _server_pids: set[int] = field(default_factory=set)
 
@@ -113,7 +114,7 @@ class ATS:
             root=self.root, port=self.port, mgmt_port=self.mgmt_port,
             ticket_key=self.ticket_key if self.ticket_key is not None else "NULL",
             tickets=1 if self.tickets else 0, session_cache=self.session_cache,
-            body_factory=BODY_FACTORY) + self.extra_records)
+            body_factory=BODY_FACTORY, debug=1 if self.debug else 0) + self.extra_records)
         (self.etc / "ssl_multicert.config").write_text(
             f"dest_ip=* ssl_cert_name={self.cert_path} ssl_key_name={key_pem}\n")
         (self.etc / "plugin.config").write_text(self.plugin_line + "\n" if self.plugin_line
