@@ -24,8 +24,9 @@ from typing import Any
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
 
+from sessionbus.bus.connection import BROKER_ERRORS
 from sessionbus.bus.topology import Topology, declare_core, session_routing_key
-from sessionbus.producer import metrics
+from sessionbus.metrics import Metrics
 from sessionbus.schemas.codec import CONTENT_TYPE, encode_rows
 from sessionbus.schemas.events import EventType, RemoveReason
 from sessionbus.schemas.sealing import BusKeys
@@ -70,6 +71,7 @@ class Outbox:
         topology: Topology,
         keys: BusKeys,
         settings: OutboxSettings = OutboxSettings(),
+        metrics: Metrics | None = None,
     ) -> None:
         self.origin = origin
         self._topo = topology
@@ -86,10 +88,10 @@ class Outbox:
         self._idle = asyncio.Event()
         self._idle.set()
         self._channel: AbstractChannel | None = None
-        self._published = {t: metrics.EVENTS_PUBLISHED.labels(t.value) for t in _PRIORITY}
-        self._dropped = {t: metrics.EVENTS_DROPPED.labels(t.value) for t in _PRIORITY}
-        metrics.OUTBOX_CAPACITY.set(settings.capacity)
-        metrics.OUTBOX_DEPTH.set_function(lambda: self._depth)
+        self._m = (metrics or Metrics()).outbox
+        self._published = {t: self._m.published.labels(t.value) for t in _PRIORITY}
+        self._dropped = {t: self._m.dropped.labels(t.value) for t in _PRIORITY}
+        self._m.track(lambda: self._depth, settings.capacity)
 
     @property
     def depth(self) -> int:
@@ -275,6 +277,13 @@ class Outbox:
         exchange: AbstractExchange | None = None
         failed = asyncio.Event()
         tasks: set[asyncio.Task[None]] = set()
+        crashed: list[BaseException] = []  # a publish that raised something not the broker's
+
+        def done(task: asyncio.Task[None]) -> None:
+            tasks.discard(task)
+            if not task.cancelled() and task.exception() is not None:
+                crashed.append(task.exception())  # type: ignore[arg-type]
+                self._wake.set()
 
         async def publish(type_: EventType, rows: list[list[Any]],
                           exchange: AbstractExchange) -> None:
@@ -293,13 +302,13 @@ class Outbox:
                     ),
                     self._s.publish_timeout,
                 )
-            except Exception as exc:
+            except BROKER_ERRORS as exc:
                 reason = (
                     "timeout" if isinstance(exc, TimeoutError)
                     else "nack" if type(exc).__name__ in ("DeliveryError", "PublishError")
                     else "connection"
                 )
-                metrics.PUBLISH_FAILURES.labels(reason).inc()
+                self._m.publish_failures.labels(reason).inc()
                 log.warning("publish of %d %s events failed (%s); will resend", len(rows),
                             type_.value, type(exc).__name__)
                 self._give_back(type_, rows)
@@ -314,6 +323,8 @@ class Outbox:
                 self._wake.set()
 
         while True:
+            if crashed:
+                raise crashed[0]  # a bug: the supervisor logs it and ends the process
             if self._depth == 0:
                 self._wake.clear()
                 if self._in_flight == 0:
@@ -325,7 +336,7 @@ class Outbox:
                 await connection.connected.wait()
                 try:
                     exchange = await self._open(connection)
-                except Exception as exc:
+                except BROKER_ERRORS as exc:
                     log.warning("cannot open publishing channel: %s", type(exc).__name__)
                     await asyncio.sleep(0.5)
                     continue
@@ -348,13 +359,13 @@ class Outbox:
             self._in_flight += 1
             task = asyncio.get_running_loop().create_task(publish(*taken, exchange))
             tasks.add(task)
-            task.add_done_callback(tasks.discard)
+            task.add_done_callback(done)
             if failed.is_set():
                 await asyncio.sleep(0.2)  # the connection is going: let it go before retrying
 
     async def _open(self, connection: AbstractRobustConnection) -> AbstractExchange:
         if self._channel is not None:  # one publishing channel at a time
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(*BROKER_ERRORS):
                 await asyncio.wait_for(self._channel.close(), 2)
         self._channel = channel = await connection.channel(publisher_confirms=True)
         channel.return_callbacks.add(self._on_return)
@@ -365,4 +376,4 @@ class Outbox:
         key = getattr(message, "routing_key", "") or ""
         parts = key.split(".")
         type_ = parts[1] if len(parts) > 2 and parts[1] in ("new", "get", "remove") else "new"
-        metrics.MESSAGES_RETURNED.labels(type_).inc()
+        self._m.returned.labels(type_).inc()

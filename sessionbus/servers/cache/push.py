@@ -33,9 +33,8 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
-from prometheus_client import Counter, Gauge
-
 from sessionbus.consumer.peer_cache import PeerCache
+from sessionbus.metrics import CacheMetrics
 
 __all__ = ["PushServer", "encode_new", "encode_remove", "frame"]
 
@@ -45,15 +44,6 @@ _HEADER = struct.Struct(">BI")
 _EXPIRES = struct.Struct(">Q")
 MAX_SUBSCRIBE = 64  # an S frame larger than this is refused
 MAX_SID_CTX = 32
-
-PUSH_SUBSCRIBERS = Gauge("sessionbus_cache_push_subscribers", "Push subscribers connected")
-PUSH_SESSIONS = Counter(
-    "sessionbus_cache_push_events_total", "Sessions and removes pushed to subscribers", ["type"]
-)
-PUSH_DROPPED = Counter(
-    "sessionbus_cache_push_subscribers_dropped_total",
-    "Subscribers dropped for not reading (they reconnect and replay) or a bad subscribe",
-)
 
 
 def frame(kind: bytes, payload: bytes) -> bytes:
@@ -88,7 +78,7 @@ class _Subscriber(asyncio.Protocol):
             return
         kind, length = _HEADER.unpack_from(self.buf)
         if kind != ord("S") or length > MAX_SID_CTX or len(self.buf) > MAX_SUBSCRIBE:
-            PUSH_DROPPED.inc()
+            self.server.metrics.push_dropped.inc()
             log.warning("cache push: a bad subscribe; connection closed")
             self.close()
             return
@@ -106,7 +96,7 @@ class _Subscriber(asyncio.Protocol):
         if t is None or t.is_closing():
             return False
         if t.get_write_buffer_size() > self.server.max_buffer:
-            PUSH_DROPPED.inc()
+            self.server.metrics.push_dropped.inc()
             log.warning("cache push: a subscriber is not reading; dropped (it replays on "
                         "reconnect)")
             self.close()
@@ -123,9 +113,10 @@ class PushServer:
     """Push listener on ``cache``: taps the replica's ``put``/``remove`` (the replicator's and the
     front's own calls alike) and streams what changed to the subscribers."""
 
-    def __init__(self, cache: PeerCache, node_id: str, *, opaque_sid_ctx: bytes,
-                 max_buffer: int = 16 * 2**20) -> None:
+    def __init__(self, cache: PeerCache, node_id: str, metrics: CacheMetrics, *,
+                 opaque_sid_ctx: bytes, max_buffer: int = 16 * 2**20) -> None:
         self.cache = cache
+        self.metrics = metrics
         self.node_id = node_id
         self.opaque_sid_ctx = opaque_sid_ctx
         self.max_buffer = max_buffer
@@ -165,13 +156,13 @@ class PushServer:
         data = encode_new(session_id, expires, der)
         for s in list(self.subscribers):
             if (not s.sid_ctx or s.sid_ctx == sid_ctx) and s.send(data):
-                PUSH_SESSIONS.labels("new").inc()
+                self.metrics.push_events.labels("new").inc()
 
     def publish_remove(self, session_id: bytes) -> None:
         data = encode_remove(session_id)
         for s in list(self.subscribers):
             if s.send(data):
-                PUSH_SESSIONS.labels("remove").inc()
+                self.metrics.push_events.labels("remove").inc()
 
     # --- subscribers --------------------------------------------------------------------------
 
@@ -187,21 +178,19 @@ class PushServer:
         if not sub.send(frame(b"E", b"")):
             return
         self.subscribers.add(sub)
-        PUSH_SUBSCRIBERS.set(len(self.subscribers))
-        PUSH_SESSIONS.labels("new").inc(n)
+        self.metrics.push_subscribers.set(len(self.subscribers))
+        self.metrics.push_events.labels("new").inc(n)
         log.info("cache push: a subscriber joined (%d session(s) replayed)", n)
 
     def unsubscribe(self, sub: _Subscriber) -> None:
         if sub in self.subscribers:
             self.subscribers.discard(sub)
-            PUSH_SUBSCRIBERS.set(len(self.subscribers))
+            self.metrics.push_subscribers.set(len(self.subscribers))
             log.info("cache push: a subscriber left")
 
     # --- lifecycle ----------------------------------------------------------------------------
 
     async def start(self, host: str, port: int) -> None:
-        PUSH_SESSIONS.labels("new")
-        PUSH_SESSIONS.labels("remove")
         self._tap()
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(lambda: _Subscriber(self), host, port)

@@ -60,8 +60,8 @@ from pathlib import Path
 from aio_pika.abc import AbstractRobustConnection
 
 from sessionbus.bus.topology import Topology
-from sessionbus.consumer import metrics
 from sessionbus.keys.follower import KeyFollower
+from sessionbus.metrics import Metrics
 from sessionbus.schemas.sealing import BusKeys
 from sessionbus.schemas.ticket_keys import KeyRing
 from sessionbus.servers.keyfile.atomic_files import check_private_dir, write_atomic
@@ -74,6 +74,7 @@ from sessionbus.servers.keyfile.formats import (
     announce_ahead,
     render,
 )
+from sessionbus.tasks import Supervisor
 
 __all__ = [
     "CommandResult",
@@ -426,10 +427,16 @@ class KeyfileRunner:
         settings: KeyfileSettings,
         *,
         on_ready: Callable[[], None] | None = None,
+        metrics: Metrics | None = None,
+        supervisor: Supervisor | None = None,
     ) -> None:
         self.settings = settings
+        self.metrics = metrics = metrics or Metrics()
+        self.supervisor = supervisor or Supervisor(metrics)
+        self._m = metrics.keyfile
         self._writer = KeyFileWriter(settings)
-        self._follower = KeyFollower(connection, topology, keys, on_ring=self._on_ring)
+        self._follower = KeyFollower(connection, topology, keys, on_ring=self._on_ring,
+                                     metrics=metrics, supervisor=self.supervisor)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._on_ready = on_ready
@@ -464,7 +471,7 @@ class KeyfileRunner:
         check_private_dir(self.settings.out)
         check_group_mode(self.settings.out, self.settings.mode, self.settings.gid)
         await self._follower.start()
-        self._task = asyncio.get_running_loop().create_task(self._loop())
+        self._task = self.supervisor.spawn(self._loop(), "keyfile")
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -484,10 +491,8 @@ class KeyfileRunner:
             try:
                 if ring is not None:
                     await self.sync(ring, time.time())
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # a bug: keep the files as they are, try again next tick
-                log.exception("keyfile: unexpected error")
+            except (OSError, KeyFileError) as exc:  # keep the files as they are, retry next tick
+                log.warning("keyfile: cannot write the key files: %s", exc)
             delay = self._next_delay(ring, time.time())
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), delay)
@@ -533,7 +538,7 @@ class KeyfileRunner:
             )
             return None
         if result.changed:
-            metrics.KEYFILE_WRITES.inc(len(result.changed))
+            self._m.writes.inc(len(result.changed))
             self.sets_written += 1
             log.info(
                 "keyfile: ring %d: wrote %d of %d %s key file(s) in %s",
@@ -563,7 +568,7 @@ class KeyfileRunner:
         self._judged_seq = ring.seq
         ahead = announce_ahead(ring)
         self.announce_ahead_short = ahead is not None and ahead < latency
-        metrics.KEYFILE_ANNOUNCE_AHEAD_SHORT.set(1 if self.announce_ahead_short else 0)
+        self._m.announce_ahead_short.set(1 if self.announce_ahead_short else 0)
         if self.announce_ahead_short:
             self._warn(
                 f"keyfile: the ring announces keys {ahead:.1f} s before they encrypt, less than "
@@ -605,7 +610,7 @@ class KeyfileRunner:
             self._pending = False
             self._backoff = RETRY_MIN
         else:
-            metrics.KEYFILE_COMMAND_FAILURES.inc()
+            self._m.command_failures.inc()
             self.command_failures += 1
             self._pending = True
             self._retry_at = time.time() + self._backoff
