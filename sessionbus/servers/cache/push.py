@@ -80,7 +80,7 @@ class _Subscriber(asyncio.Protocol):
         if kind != ord("S") or length > MAX_SID_CTX or len(self.buf) > MAX_SUBSCRIBE:
             self.server.metrics.push_dropped.inc()
             log.warning("cache push: a bad subscribe; connection closed")
-            self.close()
+            self.abort()
             return
         if len(self.buf) < _HEADER.size + length:
             return
@@ -99,7 +99,7 @@ class _Subscriber(asyncio.Protocol):
             self.server.metrics.push_dropped.inc()
             log.warning("cache push: a subscriber is not reading; dropped (it replays on "
                         "reconnect)")
-            self.close()
+            self.abort()
             return False
         t.write(data)
         return True
@@ -107,6 +107,12 @@ class _Subscriber(asyncio.Protocol):
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
+
+    def abort(self) -> None:
+        """Drop at once: a close would wait for the unread buffer to drain, holding it."""
+        self.server.unsubscribe(self)
+        if self.transport is not None:
+            self.transport.abort()
 
 
 class PushServer:
