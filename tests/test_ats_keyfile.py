@@ -18,6 +18,7 @@ announce-ahead warning, without ATS.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import dataclasses
 import grp
@@ -25,6 +26,8 @@ import os
 import re
 import shlex
 import ssl
+import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -135,6 +138,59 @@ def test_announce_ahead_is_judged_against_ats_reload_latency() -> None:
     assert announce_ahead(ring_of(2, first, short)) == pytest.approx(2)
     assert announce_ahead(ring_of(3, first, long)) == pytest.approx(30)
     assert RELOAD_LATENCY[KeyFileFormat.ATS] >= 10
+
+
+def test_cli_checks_group_and_mode_at_start(tmp_path: Path) -> None:
+    """Exit 3 with one line for each unusable --group/--mode, before anything is read."""
+    bus_key, _, _ = farm_files(tmp_path)
+    env = {**os.environ, "SESSIONBUS_BUS_KEY_FILE": str(bus_key), "SESSIONBUS_AMQP_URL": AMQP_URL}
+    gid = os.getegid()
+    mine = private_dir(tmp_path / "mine")
+    grouped = private_dir(tmp_path / "grouped", gid)
+    group = grp.getgrgid(gid).gr_name
+    for args, message in [
+        (["--out", str(mine), "--group", "no-such-group-sb"], "no such group"),
+        (["--out", str(grouped), "--group", group, "--mode", "0x640"], "not an octal mode"),
+        (["--out", str(grouped), "--group", group, "--mode", "0644"], "others"),
+        (["--out", str(mine), "--group", group], "cannot reach"),
+        (["--out", str(mine), "--mode", "0640"], "give --group"),
+    ]:
+        done = subprocess.run(
+            [sys.executable, "-m", "sessionbus", "keyfile", "--format", "ats", *args],
+            capture_output=True, text=True, timeout=60, env=env)
+        assert done.returncode == 3 and done.stderr.count("\n") == 1, (args, done.stderr)
+        assert message in done.stderr, (args, done.stderr)
+
+
+OPS = Path(__file__).resolve().parent.parent / "ops"
+
+
+def test_ops_drop_in_and_env_file_are_what_keyfile_accepts(tmp_path: Path) -> None:
+    """The ATS drop-in is Type=notify before trafficserver.service with the trafficserver group,
+    and ats.env's arguments pass keyfile's own checks on a directory as systemd makes it."""
+    drop_in = (OPS / "trafficserver" / "sessionbus-keyfile@ats.service.d" / "10-ats.conf")
+    lines = {ln.strip() for ln in drop_in.read_text().splitlines() if not ln.startswith("#")}
+    for want in ("Type=notify", "NotifyAccess=main", "Before=trafficserver.service",
+                 "Group=trafficserver"):
+        assert want in lines, want
+    env = dict(ln.split("=", 1) for ln in (OPS / "trafficserver" / "ats.env").read_text()
+               .splitlines() if ln and not ln.startswith("#"))
+    assert env["KEYFILE_FORMAT"] == "ats"
+    assert env["SESSIONBUS_KEYFILE_ON_CHANGE"] == "systemctl reload trafficserver.service"
+    try:
+        gid = grp.getgrnam("trafficserver").gr_gid
+    except KeyError:
+        pytest.skip("no trafficserver group (apt-get install trafficserver)")
+    out = private_dir(tmp_path / "ats", gid)  # StateDirectory, mode 0750, Group=trafficserver
+    from sessionbus.cli.commands.keyfile import settings_from_args
+
+    ns = argparse.Namespace(
+        format="ats", out=str(out), on_change=None, on_change_timeout=30.0, slots=None,
+        haproxy_socket=None, haproxy_ref=None, group=None, mode=None)
+    args = env["KEYFILE_ARGS"].split()
+    ns.group, ns.mode = args[args.index("--group") + 1], args[args.index("--mode") + 1]
+    settings = settings_from_args(ns)
+    assert (settings.gid, settings.mode) == (gid, 0o640)
 
 
 # --- real ATS -----------------------------------------------------------------------------------
