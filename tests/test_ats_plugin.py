@@ -16,6 +16,7 @@ plugin line ``--cache --push --context``; ``proxy.config.ssl.session_cache 2``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import re
 import socket
@@ -216,6 +217,22 @@ def test_session_ids_cross_ats_instances_and_a_node_revoke_and_late_join(
               for n, p in servers.items()}
     assert all(others.values()), f"a revoke of one session touched another: {others}"
 
+    # A reset in the middle of a resumed handshake: on ATS 9.2 this ends as a TLS error too (the
+    # session travels as a REMOVE); recorded, not asserted (docs/servers/traffic-server.md).
+    probe = tls_connect(b.ats.port, "1.2", tickets=False).session
+    assert probe is not None and resumes(a.ats.port, probe)
+    broken_resumption(a.ats.port, probe, alert=False)
+    time.sleep(1.5)
+    mid = {n: tls_connect(p, "1.2", probe, tickets=False).reused for n, p in servers.items()}
+    print(f"after a reset mid-handshake on ats-a, resumed: {mid}")
+
+    # a TLS error (ATS sends a fatal alert) on a resumption: OpenSSL invalidated the session,
+    # and the plugin sends the REMOVE: it resumes nowhere
+    broken_resumption(a.ats.port, made["ats-b"], alert=True)
+    alerted = {n: resumes(p, made["ats-b"], want=False) for n, p in servers.items()}
+    assert not any(alerted.values()), f"resumed after a fatal alert on ats-a: {alerted}"
+    assert tls_connect(b.ats.port, "1.2", made["node"], tickets=False).reused
+
     # an ATS (and its cache front) started late resumes sessions made before it started
     before = tls_connect(b.ats.port, "1.2", tickets=False).session
     assert before is not None
@@ -233,6 +250,31 @@ def test_session_ids_cross_ats_instances_and_a_node_revoke_and_late_join(
         for sess in (*made.values(), before):
             assert sess.id.hex() not in text.lower() and sess.id.hex().upper() not in text
     print(f"cross-resumptions {results}; {tls13}; late join {late}")
+
+
+def broken_resumption(port: int, session: ssl.SSLSession, *, alert: bool) -> None:
+    """Offer ``session``, take ATS's abbreviated handshake, then either send an application
+    record where ChangeCipherSpec belongs (ATS answers with a fatal alert: a TLS error) or
+    reset the connection (a TCP drop mid-handshake)."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context("1.2", False).wrap_bio(incoming, outgoing, server_hostname="localhost",
+                                         session=session)
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        with contextlib.suppress(ssl.SSLWantReadError):
+            tls.do_handshake()
+        sock.sendall(outgoing.read())  # ClientHello
+        got = b""
+        while len(got) < 5 or b"\x14\x03\x03" not in got:  # up to the server's CCS
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            got += chunk
+        if alert:
+            sock.sendall(b"\x17\x03\x03\x00\x10" + bytes(16))
+            with contextlib.suppress(OSError):
+                sock.recv(100)  # the alert
+        else:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
 
 def handshake_rate(port: int, seconds: float, version: str = "1.2") -> float:

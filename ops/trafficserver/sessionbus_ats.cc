@@ -9,7 +9,8 @@
  *           waits: when the queue is full the session is dropped and counted.
  *   REMOVE  as a sessionbus node does: ATS's remove callback only marks the id (OpenSSL also
  *           calls it for every connection freed without close_notify, a plain TCP drop); a
- *           marked session whose connection ends in a TLS error travels as `delete`.
+ *           marked session whose connection saw a fatal TLS alert (sent or received, seen by a
+ *           per-connection message callback) travels as `delete`.
  *   peers   a push thread subscribes to the cache's push listener (servers/cache/push.py),
  *           gets the replica's live sessions then every peer NEW/REMOVE, and applies them with
  *           TSSslSessionInsert / TSSslSessionRemove.
@@ -93,6 +94,9 @@ std::mutex marks_mutex;
 std::unordered_set<std::string> marks;
 std::deque<std::string> marks_order;
 const size_t MARKS_MAX = 10000;
+
+// ex_data slot: set on a connection that sent or received a fatal alert.
+int fatal_idx = -1;
 
 // Set while this thread applies a pushed session: ATS's own hooks must not echo it back.
 thread_local bool applying = false;
@@ -465,6 +469,20 @@ on_session(TSCont, TSEvent event, void *edata)
   return 0;
 }
 
+// OpenSSL's per-connection message callback: notes a fatal alert actually written or read (an
+// alert that could not be written, to a peer that is gone, is not reported, so a TCP drop
+// never counts).
+void
+on_message(int, int, int content_type, const void *buf, size_t len, SSL *ssl, void *)
+{
+  if (content_type == SSL3_RT_ALERT && len >= 2 &&
+      static_cast<const unsigned char *>(buf)[0] == SSL3_AL_FATAL) {
+    SSL_set_ex_data(ssl, fatal_idx, reinterpret_cast<void *>(1));
+    TSDebug(TAG, "a fatal alert on a connection (description %u)",
+            static_cast<const unsigned char *>(buf)[1]);
+  }
+}
+
 int
 on_vconn(TSCont, TSEvent event, void *edata)
 {
@@ -475,15 +493,18 @@ on_vconn(TSCont, TSEvent event, void *edata)
       // the service's context, so sessions of every instance and node resume here
       SSL_set_session_id_context(ssl, reinterpret_cast<const unsigned char *>(cfg.context.data()),
                                  cfg.context.size());
+      if (event == TS_EVENT_VCONN_START) {
+        SSL_set_msg_callback(ssl, on_message);
+      }
     } else if (event == TS_EVENT_VCONN_CLOSE) {
       SSL_SESSION *sess = SSL_get_session(ssl);
-      // ended in a TLS error (a fatal alert leaves the connection "in init"): what OpenSSL
-      // invalidated must not resume anywhere
-      if (sess != nullptr && SSL_in_init(ssl)) {
+      // ended in a TLS error: what OpenSSL invalidated must not resume anywhere
+      if (sess != nullptr && SSL_get_ex_data(ssl, fatal_idx) != nullptr) {
         unsigned int n      = 0;
         const unsigned char *p = SSL_SESSION_get_id(sess, &n);
         std::string id(reinterpret_cast<const char *>(p), n);
         if (n > 0 && unmark(id)) {
+          TSDebug(TAG, "a session invalidated by a TLS error: REMOVE");
           enqueue(Outgoing{true, std::move(id), std::string()});
         }
       }
@@ -533,6 +554,20 @@ parse_args(int argc, const char *argv[])
   return true;
 }
 
+// ATS's session cache and ticket key config exist only once the SSL configuration is loaded,
+// after plugins are: a session inserted before is lost. So subscribing (and loading keys)
+// waits until ATS's ports are ready.
+int
+on_ports_ready(TSCont contp, TSEvent, void *)
+{
+  TSThreadCreate(push_thread, nullptr);
+  if (!cfg.ticket_keys.empty()) {
+    TSThreadCreate(keys_thread, nullptr);
+  }
+  TSContDestroy(contp);
+  return 0;
+}
+
 int
 stat_int(const char *name)
 {
@@ -565,6 +600,8 @@ TSPluginInit(int argc, const char *argv[])
   st_cache_up     = stat_int("plugin.sessionbus.cache_connected");
   st_push_up      = stat_int("plugin.sessionbus.push_connected");
 
+  fatal_idx = SSL_get_ex_new_index(0, nullptr, nullptr, nullptr, nullptr);
+
   TSCont session_cont = TSContCreate(on_session, nullptr);
   TSHttpHookAdd(TS_SSL_SESSION_HOOK, session_cont);
   TSCont vconn_cont = TSContCreate(on_vconn, nullptr);
@@ -573,10 +610,7 @@ TSPluginInit(int argc, const char *argv[])
   TSHttpHookAdd(TS_VCONN_CLOSE_HOOK, vconn_cont);
 
   TSThreadCreate(sender_thread, nullptr);
-  TSThreadCreate(push_thread, nullptr);
-  if (!cfg.ticket_keys.empty()) {
-    TSThreadCreate(keys_thread, nullptr);
-  }
+  TSLifecycleHookAdd(TS_LIFECYCLE_PORTS_READY_HOOK, TSContCreate(on_ports_ready, nullptr));
   TSNote("[%s] enabled: cache %s:%d, push %s:%d, context of %zu byte(s)%s", PNAME,
          cfg.cache.host.c_str(), cfg.cache.port, cfg.push.host.c_str(), cfg.push.port,
          cfg.context.size(), cfg.ticket_keys.empty() ? "" : ", ticket keys from a file");
