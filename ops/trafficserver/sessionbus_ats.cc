@@ -28,6 +28,7 @@
  */
 
 #include <ts/ts.h>
+#include <openssl/err.h>
 #include <openssl/ssl.h>
 
 #include <arpa/inet.h>
@@ -469,14 +470,18 @@ on_session(TSCont, TSEvent event, void *edata)
   return 0;
 }
 
-// OpenSSL's per-connection message callback: notes a fatal alert actually written or read (an
-// alert that could not be written, to a peer that is gone, is not reported, so a TCP drop
-// never counts).
+// OpenSSL's per-connection message callback: notes a fatal alert written or read. A peer that
+// vanished mid-handshake is no TLS error for the farm (a node keeps such a session), but
+// OpenSSL answers that EOF with a fatal decode_error alert (SSL_R_UNEXPECTED_EOF_WHILE_READING,
+// just put on this thread's error queue): that alert does not count.
 void
-on_message(int, int, int content_type, const void *buf, size_t len, SSL *ssl, void *)
+on_message(int write_p, int, int content_type, const void *buf, size_t len, SSL *ssl, void *)
 {
   if (content_type == SSL3_RT_ALERT && len >= 2 &&
       static_cast<const unsigned char *>(buf)[0] == SSL3_AL_FATAL) {
+    if (write_p && ERR_GET_REASON(ERR_peek_last_error()) == SSL_R_UNEXPECTED_EOF_WHILE_READING) {
+      return;
+    }
     SSL_set_ex_data(ssl, fatal_idx, reinterpret_cast<void *>(1));
     TSDebug(TAG, "a fatal alert on a connection (description %u)",
             static_cast<const unsigned char *>(buf)[1]);
