@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import logging
 from dataclasses import replace
 from typing import Any
@@ -71,6 +72,13 @@ def register(sub: Any, exit_codes: str) -> None:
     p.set_defaults(func=main)
 
 
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 def main(args: argparse.Namespace) -> int:
     common = common_from_args(args)
     if args.memcache is None and args.redis is None:
@@ -81,6 +89,9 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError("--max-connections must be at least 1")
     if args.idle_timeout <= 0:
         raise ConfigError("--idle-timeout must be positive")
+    if args.push is not None and not _loopback(args.push[0]):
+        raise ConfigError("--push serves the replica's sessions to whoever connects: give a "
+                          "loopback address (127.0.0.1:PORT), for the ATS plugin on this host")
     if not 0 <= args.linger <= 1:
         raise ConfigError("--linger must be 0..1 seconds")
     settings = CacheSettings(
