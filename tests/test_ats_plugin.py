@@ -93,6 +93,7 @@ class PluginFarm:
     env: dict[str, str]
     procs: Processes = field(default_factory=Processes)
     members: list[Member] = field(default_factory=list)
+    closers: list[Callable[[], None]] = field(default_factory=list)
 
     def add(self, name: str, *, amqp_url: str | None = None, tickets: bool = False,
             session_cache: int = 2, ticket_keys: Path | None = None,
@@ -122,6 +123,8 @@ class PluginFarm:
         for m in self.members:
             m.ats.stop()
         self.procs.stop_all()
+        for close in self.closers:
+            close()
 
 
 def wait_log(ats: ATS, text: str, count: int = 1, timeout: float = 20.0) -> None:
@@ -363,6 +366,7 @@ def test_plugin_loads_ticket_keys_without_reload_through_five_rotations(
     bus_key = Path(farm.env["SESSIONBUS_BUS_KEY_FILE"])
     publisher = RingPublisher(Topology(prefix=farm.env["SESSIONBUS_PREFIX"]),
                               load_bus_keys(bus_key))
+    farm.closers.append(publisher.close)
     t0 = time.time()
     keys = [TicketKey.generate(t0 - 1, t0 - 1, t0 + 3600, t0 + 7200)]
     publisher.publish(*keys)
