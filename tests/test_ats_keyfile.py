@@ -41,7 +41,7 @@ import pytest
 from sessionbus.bus.connection import BrokerSettings, connect
 from sessionbus.bus.topology import Topology, declare_core, declare_keys, key_routing_key
 from sessionbus.schemas.codec import CONTENT_TYPE, encode_key_ring
-from sessionbus.schemas.sealing import BusKeys, load_bus_keys
+from sessionbus.schemas.sealing import BusKeys
 from sessionbus.schemas.ticket_keys import KeyRing, TicketKey
 from sessionbus.servers.keyfile.atomic_files import write_atomic
 from sessionbus.servers.keyfile.formats import (
@@ -67,6 +67,7 @@ from tests.farm_support import (
     free_port,
     unique_prefix,
 )
+from tests.helpers_keys import keys_for
 
 needs_ats = pytest.mark.skipif(not ats_installed(), reason="trafficserver is not installed")
 LOADED = "ticket key reloaded from"
@@ -374,7 +375,7 @@ def test_five_rotations_struck_right_after_ats_loads_lose_no_resumption(
     prefix = unique_prefix()
     env = {"SESSIONBUS_AMQP_URL": AMQP_URL, "SESSIONBUS_BUS_KEY_FILE": str(bus_key),
            "SESSIONBUS_PREFIX": prefix}
-    publisher = RingPublisher(Topology(prefix=prefix), load_bus_keys(bus_key))
+    publisher = RingPublisher(Topology(prefix=prefix), keys_for(bus_key))
     procs = Processes()
     try:
         t0 = time.time()

@@ -32,7 +32,6 @@ from pathlib import Path
 import pytest
 
 from sessionbus.bus.topology import Topology
-from sessionbus.schemas.sealing import load_bus_keys
 from sessionbus.schemas.ticket_keys import TicketKey
 from sessionbus.servers.keyfile.formats import ATS_FILE, KeyFileFormat, render
 from tests.ats_support import (
@@ -54,6 +53,7 @@ from tests.farm_support import (
     revoke,
     unique_prefix,
 )
+from tests.helpers_keys import keys_for
 from tests.tcp_proxy import TcpProxy
 from tests.test_ats_keyfile import RingPublisher, private_dir, ring_of
 
@@ -365,7 +365,7 @@ def test_plugin_loads_ticket_keys_without_reload_through_five_rotations(
 ) -> None:
     bus_key = Path(farm.env["SESSIONBUS_BUS_KEY_FILE"])
     publisher = RingPublisher(Topology(prefix=farm.env["SESSIONBUS_PREFIX"]),
-                              load_bus_keys(bus_key))
+                              keys_for(bus_key))
     farm.closers.append(publisher.close)
     t0 = time.time()
     keys = [TicketKey.generate(t0 - 1, t0 - 1, t0 + 3600, t0 + 7200)]
