@@ -342,7 +342,8 @@ class RingPublisher:
             body, headers = encode_key_ring(ring, PUBLISHER, self.keys)
             await self._exchange.publish(
                 aio_pika.Message(body, headers=headers, content_type=CONTENT_TYPE,
-                                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+                                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                                 user_id="guest"),  # the broker-checked sender
                 key_routing_key(PUBLISHER))
 
         self._run(go())
