@@ -7,6 +7,7 @@ import sys
 from typing import Any
 
 from sessionbus.cli.commands._common import subparser
+from sessionbus.cli.exit_codes import RET_CONFIG, RET_OK
 from sessionbus.schemas.sealing import BusKeyError, write_new_key_file
 
 
@@ -32,6 +33,6 @@ def run_new(args: argparse.Namespace) -> int:
         key_id = write_new_key_file(args.file, force=args.force)
     except BusKeyError as exc:
         print(f"sessionbus bus-key: {exc}", file=sys.stderr)
-        return 3
+        return RET_CONFIG
     print(f"wrote {args.file} (key id {key_id.hex()})")
-    return 0
+    return RET_OK

@@ -11,8 +11,7 @@ from typing import Any
 from sessionbus.cli.commands._common import subparser
 from sessionbus.cli.config import ConfigError, add_common, common_from_args, host_port
 from sessionbus.cli.config import node_id as node_id_type
-from sessionbus.cli.runtime import run
-from sessionbus.consumer.metrics import serve_metrics
+from sessionbus.cli.runtime import run, start_metrics
 from sessionbus.servers.cache.connection import FrontLimits
 from sessionbus.servers.cache.front import (
     CACHE_OUTBOX,
@@ -89,15 +88,16 @@ def main(args: argparse.Namespace) -> int:
         outbox=replace(CACHE_OUTBOX, min_interval=args.linger),
     )
     keys = common.keys()
+    start_metrics(common.metrics)
 
     async def serve(stop: asyncio.Event) -> int:
         front = CacheFront(settings, common.broker, keys, common.topology)
         try:
             await front.start()
         except OSError as exc:
-            raise ConfigError(f"cannot listen: {exc.strerror or exc}") from None
-        if common.metrics:
-            serve_metrics(common.metrics)
+            where = ", ".join(f"--{name} {a[0]}:{a[1]}" for name, a in
+                              (("memcache", args.memcache), ("redis", args.redis)) if a)
+            raise ConfigError(f"cannot listen on {where}: {exc.strerror or exc}") from None
         where = ", ".join(
             f"{name} on {front.address(name)[0]}:{front.address(name)[1]}"
             for name in front.protocols

@@ -7,11 +7,9 @@ import asyncio
 import sys
 from typing import Any
 
-from sessionbus.bus.connection import connect
-from sessionbus.bus.topology import declare_core
 from sessionbus.cli.commands._common import csv_of, subparser
 from sessionbus.cli.config import add_common, common_from_args
-from sessionbus.cli.runtime import run
+from sessionbus.cli.runtime import connect_now, run, start_metrics
 from sessionbus.consumer.event_printer import printer
 from sessionbus.consumer.worker import Worker
 from sessionbus.schemas.events import SESSION_EVENT_TYPES, EventType
@@ -44,15 +42,10 @@ def main(args: argparse.Namespace) -> int:
     types = tuple(EventType(t) for t in args.type)
     origins = tuple(args.origin) if args.origin else None
 
+    start_metrics(common.metrics)
+
     async def serve(stop: asyncio.Event) -> int:
-        try:
-            conn = await connect(common.broker)
-        except ConnectionError as exc:
-            print(f"sessionbus events: {exc}", file=sys.stderr)
-            return 4
-        channel = await conn.channel()
-        await declare_core(channel, common.topology)
-        await channel.close()
+        conn = await connect_now(common)
         worker = Worker(conn, common.topology, keys, [printer(types, origins)])
         await worker.start()
         # stdout carries only JSON lines; readiness goes to stderr

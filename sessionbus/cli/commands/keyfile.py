@@ -9,16 +9,12 @@ import os
 import shlex
 import shutil
 import socket
-import sys
 from pathlib import Path
 from typing import Any
 
-from sessionbus.bus.connection import connect
-from sessionbus.bus.topology import declare_core
 from sessionbus.cli.commands._common import subparser
 from sessionbus.cli.config import ConfigError, add_common, common_from_args, env
-from sessionbus.cli.runtime import run
-from sessionbus.consumer.metrics import broker_state, serve_metrics
+from sessionbus.cli.runtime import connect_now, run, start_metrics
 from sessionbus.servers.keyfile.atomic_files import UnsafeDirectoryError, check_private_dir
 from sessionbus.servers.keyfile.formats import (
     ATS_FILE,
@@ -187,25 +183,14 @@ def main(args: argparse.Namespace) -> int:
               flush=True)
         notify_once()
 
+    start_metrics(common.metrics)
+
     async def serve(stop: asyncio.Event) -> int:
-        if common.metrics:
-            try:
-                serve_metrics(common.metrics)
-            except OSError as exc:
-                raise ConfigError(f"--metrics: cannot listen on {common.metrics}: "
-                                  f"{exc.strerror}") from None
         if all((settings.out / name).is_file() for name in files):
             # Files from a previous run: the server may start with them now (the ring, once
             # it arrives, replaces what changed); only a first run makes it wait for the ring.
             notify_once()
-        try:
-            conn = await connect(common.broker, on_state=broker_state)
-        except ConnectionError as exc:
-            print(f"sessionbus keyfile: {exc}", file=sys.stderr)
-            return 4
-        channel = await conn.channel()
-        await declare_core(channel, common.topology)
-        await channel.close()
+        conn = await connect_now(common)
         runner = KeyfileRunner(conn, common.topology, keys, settings, on_ready=ready)
         try:
             await runner.start()

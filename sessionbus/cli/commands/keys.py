@@ -13,8 +13,7 @@ from typing import Any
 from sessionbus.cli.commands._common import subparser
 from sessionbus.cli.config import ConfigError, add_common, common_from_args
 from sessionbus.cli.config import node_id as node_id_type
-from sessionbus.cli.runtime import run
-from sessionbus.consumer.metrics import serve_metrics
+from sessionbus.cli.runtime import run, start_metrics
 from sessionbus.keys.publisher import KeyPublisher, PublisherSettings
 from sessionbus.keys.ring import (
     DEFAULT_ANNOUNCE_AHEAD,
@@ -105,14 +104,9 @@ def main(args: argparse.Namespace) -> int:
                           .replace("keep must", "--keep must")) from None
     publisher_id = args.publisher_id or default_publisher_id()
     keys = common.keys()
+    start_metrics(common.metrics)
 
     async def serve(stop: asyncio.Event) -> int:
-        if common.metrics:
-            try:
-                serve_metrics(common.metrics)
-            except OSError as exc:
-                raise ConfigError(f"--metrics: cannot listen on {common.metrics}: "
-                                  f"{exc.strerror}") from None
         publisher = KeyPublisher(
             PublisherSettings(publisher_id=publisher_id, timeline=timeline),
             common.broker, keys, common.topology,

@@ -17,8 +17,7 @@ from sessionbus.cli.config import (
     host_port,
 )
 from sessionbus.cli.config import node_id as node_id_type
-from sessionbus.cli.runtime import run
-from sessionbus.consumer.metrics import serve_metrics
+from sessionbus.cli.runtime import bind_tcp, run, start_metrics
 from sessionbus.producer.node import Node, NodeSettings, TicketMode
 from sessionbus.producer.openssl import BindingError
 from sessionbus.producer.outbox import OutboxSettings
@@ -34,7 +33,7 @@ def register(sub: Any, exit_codes: str) -> None:
         "HTTP request with 200 and its node id.",
         "  sessionbus node --node-id a --listen 127.0.0.1:8443 --cert c.pem --key k.pem\n"
         "  sessionbus node --node-id b --listen 0.0.0.0:443 --cert c.pem --key k.pem \\\n"
-        "      --upstream 127.0.0.1:8080 --tickets stateless --metrics 127.0.0.1:9401",
+        "      --upstream 127.0.0.1:8080 --tickets stateless --metrics 127.0.0.1:9411",
         exit_codes,
     )
     p.add_argument("--node-id", required=True, type=node_id_type,
@@ -79,6 +78,10 @@ def main(args: argparse.Namespace) -> int:
         replication=not args.no_replication,
         outbox=OutboxSettings(min_interval=args.linger),
     )
+    # Listeners first, before the certificate, the bus or any task: a taken port is one line
+    # and exit 3 at once (a node that cannot listen must not look alive).
+    sock = bind_tcp(args.listen[0], args.listen[1], "--listen")
+    start_metrics(common.metrics)
     keys = common.keys()
 
     async def serve(stop: asyncio.Event) -> int:
@@ -88,13 +91,7 @@ def main(args: argparse.Namespace) -> int:
             raise ConfigError(f"cannot load certificate/key: {exc.strerror or exc}") from None
         except BindingError as exc:
             raise ConfigError(str(exc)) from None
-        try:
-            await node.start()
-        except OSError as exc:
-            raise ConfigError(f"cannot listen on {args.listen[0]}:{args.listen[1]}: "
-                              f"{exc.strerror}") from None
-        if common.metrics:
-            serve_metrics(common.metrics)
+        await node.start(sock)
         print(f"node {settings.node_id} listening on {node.address[0]}:{node.address[1]}",
               flush=True)
         await stop.wait()

@@ -15,6 +15,7 @@ from typing import Any
 from sessionbus.bus.connection import connect
 from sessionbus.cli.commands._common import subparser
 from sessionbus.cli.config import ConfigError, add_common, common_from_args, existing_file
+from sessionbus.cli.exit_codes import RET_BROKER, RET_FAILURE, RET_OK
 from sessionbus.cli.local_farm import Farm, FarmSettings
 
 
@@ -65,7 +66,7 @@ def main(args: argparse.Namespace) -> int:
     if problem:
         print(f"sessionbus up: {problem} (is RabbitMQ running? `rabbitmq-server -detached`)",
               file=sys.stderr)
-        return 4
+        return RET_BROKER
     env = {**os.environ, "SESSIONBUS_AMQP_URL": common.broker.url,
            "SESSIONBUS_PREFIX": common.topology.prefix, "SESSIONBUS_LOG_LEVEL": args.log_level}
     settings = FarmSettings(
@@ -86,7 +87,7 @@ def main(args: argparse.Namespace) -> int:
                 failed = farm.poll()
                 print(f"sessionbus up: {failed or 'a node'} did not start; see "
                       f"{settings.directory}/{failed or 'node-1'}.log", file=sys.stderr)
-                return 1
+                return RET_FAILURE
             time.sleep(0.2)
         print("sessionbus farm is up:")
         for line in lines:
@@ -104,9 +105,9 @@ def main(args: argparse.Namespace) -> int:
             if gone:
                 print(f"sessionbus up: {gone} exited; stopping the farm (see "
                       f"{settings.directory}/{gone}.log)", file=sys.stderr)
-                return 1
+                return RET_FAILURE
             time.sleep(0.5)
         print("stopping...", flush=True)
-        return 0
+        return RET_OK
     finally:
         farm.stop()

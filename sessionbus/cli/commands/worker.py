@@ -8,13 +8,10 @@ import logging
 import sys
 from typing import Any
 
-from sessionbus.bus.connection import connect
-from sessionbus.bus.topology import declare_core
 from sessionbus.cli.commands._common import subparser
 from sessionbus.cli.config import ConfigError, add_common, common_from_args
-from sessionbus.cli.runtime import run
+from sessionbus.cli.runtime import connect_now, run, start_metrics
 from sessionbus.consumer.farm_stats import farm_stats
-from sessionbus.consumer.metrics import broker_state, serve_metrics
 from sessionbus.consumer.worker import ImportStringError, Worker, load_consumer
 
 log = logging.getLogger("sessionbus.worker")
@@ -29,7 +26,7 @@ def register(sub: Any, exit_codes: str) -> None:
         "stops consuming and lets in-flight handlers finish within --drain-timeout; a second "
         "signal exits at once.",
         "  sessionbus worker --consumer examples.resumptions_per_origin:consumer \\\n"
-        "      --metrics 127.0.0.1:9400\n"
+        "      --metrics 127.0.0.1:9410\n"
         "  sessionbus worker --consumer myapp.audit:consumer --consumer myapp.siem:consumer",
         exit_codes,
     )
@@ -52,20 +49,12 @@ def main(args: argparse.Namespace) -> int:
     if not consumers:
         raise ConfigError("nothing to run: give --consumer or drop --no-stats")
     keys = common.keys()
+    start_metrics(common.metrics)
 
     async def serve(stop: asyncio.Event) -> int:
-        try:
-            conn = await connect(common.broker, on_state=broker_state)
-        except ConnectionError as exc:
-            print(f"sessionbus worker: {exc}", file=sys.stderr)
-            return 4
-        channel = await conn.channel()
-        await declare_core(channel, common.topology)
-        await channel.close()
+        conn = await connect_now(common)
         worker = Worker(conn, common.topology, keys, consumers)
         await worker.start()
-        if common.metrics:
-            serve_metrics(common.metrics)
         print(f"worker running {', '.join(c.name for c in consumers)}", flush=True)
         await stop.wait()
         drained = await worker.stop(args.drain_timeout)
