@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from typing import Any
 
@@ -21,10 +22,11 @@ def register(sub: Any, exit_codes: str) -> None:
     p = subparser(
         sub, "worker", "run custom consumers",
         "Run consumers given by import string (package.module:attr, each a "
-        "sessionbus.consumer.api.Consumer) in one process, plus the built-in farm statistics "
-        "(sessionbus_farm_lookups_total: local and cross-node resumptions). SIGTERM/SIGINT "
-        "stops consuming and lets in-flight handlers finish within --drain-timeout; a second "
-        "signal exits at once.",
+        "sessionbus.consumer.api.Consumer) in one process; an import string resolves from "
+        "the working directory first, then the installed packages. Also runs the built-in "
+        "farm statistics (sessionbus_farm_lookups_total: local and cross-node "
+        "resumptions). SIGTERM/SIGINT stops consuming and lets in-flight handlers finish "
+        "within --drain-timeout; a second signal exits at once.",
         "  sessionbus worker --consumer examples.resumptions_per_origin:consumer \\\n"
         "      --metrics 127.0.0.1:9410\n"
         "  sessionbus worker --consumer myapp.audit:consumer --consumer myapp.siem:consumer",
@@ -39,7 +41,8 @@ def register(sub: Any, exit_codes: str) -> None:
 
 def main(args: argparse.Namespace) -> int:
     common = common_from_args(args)
-    sys.path.insert(0, ".")  # import strings name the user's own modules
+    # Import strings name the user's own modules: the working directory comes first.
+    sys.path.insert(0, os.getcwd())
     try:
         consumers = [load_consumer(s) for s in args.consumer]
     except ImportStringError as exc:
