@@ -8,6 +8,7 @@ import logging
 from dataclasses import replace
 from typing import Any
 
+from sessionbus.cli.check import core_needs, free_address, run_check
 from sessionbus.cli.commands._common import subparser
 from sessionbus.cli.config import ConfigError, add_common, common_from_args, host_port
 from sessionbus.cli.config import node_id as node_id_type
@@ -35,7 +36,7 @@ def register(sub: Any, exit_codes: str) -> None:
         "be the session's DER); other keys are stored and replicated as opaque values (written\n"
         "once, deleted farm-wide). Run one beside each server; see ops/httpd/.",
         "  sessionbus cache --node-id web-1 --memcache 127.0.0.1:11311\n"
-        "  sessionbus cache --node-id web-2 --redis 127.0.0.1:6380 --metrics 127.0.0.1:9402\n"
+        "  sessionbus cache --node-id web-2 --redis 127.0.0.1:6380 --metrics 127.0.0.1:9410\n"
         "  sessionbus cache --node-id web-3 --memcache 127.0.0.1:11311 --redis 127.0.0.1:6380 \\\n"
         "      --session-timeout 300",
         exit_codes,
@@ -87,6 +88,15 @@ def main(args: argparse.Namespace) -> int:
                            idle_timeout=args.idle_timeout),
         outbox=replace(CACHE_OUTBOX, min_interval=args.linger),
     )
+    if args.check:
+        needs = None
+        if settings.replication:
+            needs = core_needs(common.topology)
+            needs.read_streams.append(common.topology.session_stream)
+        return run_check("cache", common, [
+            ("--memcache", free_address("--memcache", args.memcache)),
+            ("--redis", free_address("--redis", args.redis)),
+        ], needs)
     keys = common.keys()
     start_metrics(common.metrics)
 

@@ -43,7 +43,7 @@ def register(sub: Any, exit_codes: str) -> None:
     p.add_argument("--limit", type=int, metavar="N",
                    help="act on (or list) at most N dead letters, oldest first")
     p.add_argument("--all", action="store_true", help="purge: every dead letter")
-    add_common(p)
+    add_common(p, check=False)
     p.set_defaults(func=main)
 
 

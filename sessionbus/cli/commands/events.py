@@ -7,6 +7,7 @@ import asyncio
 import sys
 from typing import Any
 
+from sessionbus.cli.check import consumer_needs, run_check
 from sessionbus.cli.commands._common import csv_of, subparser
 from sessionbus.cli.config import add_common, common_from_args
 from sessionbus.cli.runtime import connect_now, run, start_metrics
@@ -38,10 +39,12 @@ def register(sub: Any, exit_codes: str) -> None:
 
 def main(args: argparse.Namespace) -> int:
     common = common_from_args(args)
-    keys = common.keys()
     types = tuple(EventType(t) for t in args.type)
     origins = tuple(args.origin) if args.origin else None
-
+    if args.check:
+        return run_check("events", common, [],
+                         consumer_needs(common.topology, [printer(types, origins)]))
+    keys = common.keys()
     start_metrics(common.metrics)
 
     async def serve(stop: asyncio.Event) -> int:

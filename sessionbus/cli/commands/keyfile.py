@@ -12,6 +12,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
+from sessionbus.cli.check import Needs, run_check
 from sessionbus.cli.commands._common import subparser
 from sessionbus.cli.config import ConfigError, add_common, common_from_args, env
 from sessionbus.cli.runtime import connect_now, run, start_metrics
@@ -167,6 +168,11 @@ def notify_ready() -> None:
 def main(args: argparse.Namespace) -> int:
     common = common_from_args(args)
     settings = settings_from_args(args)
+    if args.check:
+        topo = common.topology
+        return run_check("keyfile", common, [
+            ("--out", lambda: f"{settings.out} is a private directory"),
+        ], Needs(queues=[topo.key_stream], read_streams=[topo.key_stream]))
     keys = common.keys()
     files = _files(settings.fmt, settings.slots)
 

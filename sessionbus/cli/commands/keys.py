@@ -10,6 +10,7 @@ import socket
 import textwrap
 from typing import Any
 
+from sessionbus.cli.check import Needs, run_check
 from sessionbus.cli.commands._common import subparser
 from sessionbus.cli.config import ConfigError, add_common, common_from_args
 from sessionbus.cli.config import node_id as node_id_type
@@ -72,7 +73,7 @@ def register(sub: Any, exit_codes: str) -> None:
         "  sessionbus keys --metrics 127.0.0.1:9400\n"
         "  sessionbus keys --rotate-every 3600 --keep 2 --announce-ahead 60   # the defaults\n"
         "  sessionbus keys --rotate-every 43200 --keep 1   # 12-hour keys, 12-hour tickets\n"
-        "  sessionbus keys --publisher-id keys-b --metrics 127.0.0.1:9410   # a second one",
+        "  sessionbus keys --publisher-id keys-b --metrics 127.0.0.1:9408   # a second one",
         exit_codes,
     )
     p.add_argument("--rotate-every", type=_seconds, default=DEFAULT_ROTATE_EVERY,
@@ -103,6 +104,12 @@ def main(args: argparse.Namespace) -> int:
                           .replace("announce ahead", "--announce-ahead")
                           .replace("keep must", "--keep must")) from None
     publisher_id = args.publisher_id or default_publisher_id()
+    if args.check:
+        topo = common.topology
+        return run_check("keys", common, [], Needs(
+            exchanges=[topo.keys_exchange], queues=[topo.key_stream],
+            read_streams=[topo.key_stream],
+        ))
     keys = common.keys()
     start_metrics(common.metrics)
 

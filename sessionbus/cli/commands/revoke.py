@@ -43,7 +43,7 @@ def register(sub: Any, exit_codes: str) -> None:
                    "lifetime (default %(default)s)")
     p.add_argument("--origin", type=node_id_type, default="revoke",
                    help="origin id of the REMOVE events (not a node's id; default %(default)s)")
-    add_common(p)
+    add_common(p, check=False)
     p.set_defaults(func=main)
 
 

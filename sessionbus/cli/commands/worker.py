@@ -9,6 +9,7 @@ import os
 import sys
 from typing import Any
 
+from sessionbus.cli.check import consumer_needs, run_check
 from sessionbus.cli.commands._common import subparser
 from sessionbus.cli.config import ConfigError, add_common, common_from_args
 from sessionbus.cli.runtime import connect_now, run, start_metrics
@@ -28,7 +29,7 @@ def register(sub: Any, exit_codes: str) -> None:
         "resumptions). SIGTERM/SIGINT stops consuming and lets in-flight handlers finish "
         "within --drain-timeout; a second signal exits at once.",
         "  sessionbus worker --consumer examples.resumptions_per_origin:consumer \\\n"
-        "      --metrics 127.0.0.1:9410\n"
+        "      --metrics 127.0.0.1:9430\n"
         "  sessionbus worker --consumer myapp.audit:consumer --consumer myapp.siem:consumer",
         exit_codes,
     )
@@ -51,6 +52,8 @@ def main(args: argparse.Namespace) -> int:
         consumers.append(farm_stats())
     if not consumers:
         raise ConfigError("nothing to run: give --consumer or drop --no-stats")
+    if args.check:
+        return run_check("worker", common, [], consumer_needs(common.topology, consumers))
     keys = common.keys()
     start_metrics(common.metrics)
 
