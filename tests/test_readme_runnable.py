@@ -1,0 +1,122 @@
+"""The README's shell blocks marked runnable, run as written against a local farm.
+
+Marker convention (an HTML comment on the line before a ```sh fence, invisible when rendered):
+
+- ``<!-- runnable -->``: the block runs with ``bash -euo pipefail`` and must exit 0 (60 s at most);
+- ``<!-- runnable: until "TEXT" -->``: a block that keeps running (a worker, a server). It passes
+  once TEXT appears in its output while it still runs; it keeps running for the blocks after it,
+  and at the end its commands get SIGTERM and must stop cleanly (the block exits 0).
+
+Blocks run in README order, each in a fresh bash, from a directory laid out like a checkout
+after ``bash ops/local-farm`` (``farm/`` the farm's directory, ``examples/``, ``.venv/`` with
+``sessionbus`` on the PATH), against a farm of 3 nodes that ``sessionbus up`` started. The test
+runs beside other tests on one machine, so the farm cannot have its well-known ports: in a block,
+``127.0.0.1:<port>`` of the farm (nodes 8443.., metrics 9400..) becomes the test farm's, and any
+other ``127.0.0.1:<port>`` a free one. The farm's prefix and broker URL come from the
+environment. Nothing else is changed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.farm_support import REPO, free_port
+from tests.local_farm_support import LocalFarm, local_farm
+
+pytestmark = [pytest.mark.broker, pytest.mark.tls, pytest.mark.slow, pytest.mark.deadline(240)]
+
+BLOCK = re.compile(r'^<!-- runnable(?:: until "([^"]+)")? -->\n```sh\n(.*?)^```', re.M | re.S)
+ADDRESS = re.compile(r"127\.0\.0\.1:(\d{4,5})\b")
+NODES = 3
+
+
+def runnable_blocks(text: str) -> list[tuple[str | None, str]]:
+    return [(m.group(1), m.group(2)) for m in BLOCK.finditer(text)]
+
+
+def port_map(blocks: list[tuple[str | None, str]], farm: LocalFarm) -> dict[int, int]:
+    ports: dict[int, int] = {}
+    for _, body in blocks:
+        for m in ADDRESS.finditer(body):
+            p = int(m.group(1))
+            if p in ports:
+                continue
+            if 8443 <= p < 8443 + farm.nodes:
+                ports[p] = farm.base + p - 8443
+            elif 9400 <= p < 9402 + farm.nodes:
+                ports[p] = farm.mbase + p - 9400
+            else:
+                ports[p] = free_port()
+    return ports
+
+
+def children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(c) for c in text.split()]
+
+
+def test_marked_blocks_are_found() -> None:
+    blocks = runnable_blocks((REPO / "README.md").read_text())
+    assert len(blocks) >= 3, "the README has lost its runnable blocks (or their markers)"
+    assert any(until for until, _ in blocks)
+
+
+def test_readme_runnable_blocks_pass_against_a_local_farm(tmp_path: Path) -> None:
+    blocks = runnable_blocks((REPO / "README.md").read_text())
+    assert blocks
+    workdir = tmp_path / "checkout"
+    workdir.mkdir()
+    for name in ("examples", ".venv"):
+        (workdir / name).symlink_to(REPO / name)
+    queues = ("consumer.resumptions-per-origin",)
+    with local_farm(workdir, nodes=NODES, extra_queues=queues) as farm:
+        ports = port_map(blocks, farm)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SESSIONBUS_")}
+        env.update(PATH=f"{REPO / '.venv' / 'bin'}:{env.get('PATH', '')}",
+                   SESSIONBUS_AMQP_URL=farm.env["SESSIONBUS_AMQP_URL"],
+                   SESSIONBUS_PREFIX=farm.prefix, PYTHONUNBUFFERED="1")
+        running: list[tuple[str, subprocess.Popen[str], Path]] = []
+        try:
+            for i, (until, body) in enumerate(blocks):
+                script = ADDRESS.sub(lambda m: f"127.0.0.1:{ports[int(m.group(1))]}", body)
+                log = tmp_path / f"block-{i}.log"
+                if until is None:
+                    done = subprocess.run(["bash", "-euo", "pipefail", "-c", script],
+                                          cwd=workdir, env=env, capture_output=True, text=True,
+                                          timeout=60)
+                    assert done.returncode == 0, (body, done.stdout, done.stderr)
+                    continue
+                with log.open("w") as out:
+                    p = subprocess.Popen(["bash", "-euo", "pipefail", "-c", script], cwd=workdir,
+                                         env=env, stdout=out, stderr=subprocess.STDOUT, text=True,
+                                         start_new_session=True)
+                running.append((body, p, log))
+                for _ in range(600):  # 60 s
+                    if until in log.read_text():
+                        break
+                    assert p.poll() is None, (body, log.read_text())
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        p.wait(0.1)
+                assert until in log.read_text(), (body, log.read_text())
+            for body, p, log in running:
+                assert p.poll() is None, (body, log.read_text())
+                # bash runs a block's last command in its own process (exec): then that is it
+                for pid in children(p.pid) or [p.pid]:
+                    os.kill(pid, signal.SIGTERM)
+                assert p.wait(30) == 0, (body, log.read_text())
+                assert "Traceback" not in log.read_text()
+        finally:
+            for _, p, _ in running:
+                if p.poll() is None:
+                    os.killpg(p.pid, signal.SIGKILL)
+                    p.wait(5)
