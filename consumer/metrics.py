@@ -55,6 +55,11 @@ REPLICA_EXPIRATIONS = Counter(
 REPLAY_CAUGHT_UP = Gauge(
     "sessionbus_replay_caught_up", "1 once the warm-join replay of the session stream reached live"
 )
+REPLAY_OFFSETS = Gauge(
+    "sessionbus_replay_offsets",
+    "Warm-join replay of the session stream: offsets replayed so far, and remaining to the "
+    "stream's end when the replay began", ["state"],
+)
 BROKER_CONNECTED = Gauge("sessionbus_broker_connected", "1 while connected to RabbitMQ")
 BROKER_RECONNECTS = Counter("sessionbus_broker_reconnects_total", "Reconnections to RabbitMQ")
 
@@ -74,6 +79,8 @@ def precreate() -> None:
     for t in SESSION_EVENT_TYPES:
         for o in OUTCOMES:
             EVENTS_CONSUMED.labels(t.value, o)
+    for state in ("replayed", "remaining"):
+        REPLAY_OFFSETS.labels(state)
     for r in Reason:
         EVENTS_REJECTED.labels(r.value)
         MESSAGES_DEAD_LETTERED.labels(r.value)

@@ -26,6 +26,7 @@ from aio_pika.abc import AbstractChannel, AbstractQueue, AbstractRobustConnectio
 from sessionbus.bus.topology import Topology, declare_replica_queue
 from sessionbus.consumer import metrics
 from sessionbus.consumer.peer_cache import PeerCache
+from sessionbus.consumer.replay_progress import ReplayProgress, stream_end
 from sessionbus.consumer.subscription import QueueSource, StreamSource, Subscription
 from sessionbus.schemas.codec import (
     DEFAULT_LIMITS,
@@ -132,6 +133,7 @@ class Replicator:
             )
             await self._replay.start()
             self._tasks.append(asyncio.get_running_loop().create_task(self._watch_replay()))
+            self._tasks.append(asyncio.get_running_loop().create_task(self._progress()))
         else:
             self._set_caught_up()
         self._tasks.append(asyncio.get_running_loop().create_task(self._housekeeping()))
@@ -145,6 +147,15 @@ class Replicator:
         for sub in (self._replay, self._live):
             if sub is not None:
                 await sub.stop(timeout)
+
+    async def _progress(self) -> None:
+        """Warm-join progress (gauge, a log line every few seconds while it lasts): reads the
+        replay's last offset only, so it stays out of the apply path."""
+        replay = self._replay
+        assert replay is not None
+        progress = ReplayProgress(f"replica {self.settings.node_id}",
+                                  lambda: replay.last_offset, self.caught_up)
+        await progress.run(stream_end(self._conn, self._topo.session_stream))
 
     def _set_caught_up(self) -> None:
         if not self.caught_up.is_set():
