@@ -15,8 +15,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
-
-from sessionbus.consumer import metrics
+from prometheus_client import Gauge
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +31,9 @@ async def stream_end(connection: AbstractRobustConnection, stream: str,
         return None
     try:
         await channel.set_qos(prefetch_count=1)
+        # Not the declare's message count: it lags the stream by seconds. An empty stream
+        # delivers nothing, and the wait below times out.
         queue = await channel.declare_queue(stream, passive=True)
-        if not queue.declaration_result.message_count:
-            return None
         got: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
 
         async def first(message: AbstractIncomingMessage) -> None:
@@ -45,6 +44,8 @@ async def stream_end(connection: AbstractRobustConnection, stream: str,
         tag = await queue.consume(first, arguments={"x-stream-offset": "last"})
         try:
             return await asyncio.wait_for(got, timeout)
+        except TimeoutError:
+            return None
         finally:
             with contextlib.suppress(Exception):
                 await queue.cancel(tag)
@@ -60,11 +61,14 @@ class ReplayProgress:
     """Reports a replay's progress until ``done`` is set.
 
     ``offset()`` is the last offset the replay handled (None before the first); ``end`` the
-    stream's end when the replay began (``stream_end``)."""
+    stream's end when the replay began (``stream_end``); ``gauge`` has a ``state`` label
+    (``ReplicaMetrics.replay_offsets``)."""
 
     def __init__(self, name: str, offset: Callable[[], int | None], done: asyncio.Event,
-                 end: int | None = None, interval: float = DEFAULT_INTERVAL) -> None:
+                 gauge: Gauge, end: int | None = None,
+                 interval: float = DEFAULT_INTERVAL) -> None:
         self.name = name
+        self._gauge = gauge
         self._offset = offset
         self._done = done
         self.end = end
@@ -79,9 +83,9 @@ class ReplayProgress:
             self.first = offset
         replayed = 0 if offset is None or self.first is None else offset - self.first + 1
         remaining = None if offset is None or self.end is None else max(0, self.end - offset)
-        metrics.REPLAY_OFFSETS.labels("replayed").set(replayed)
+        self._gauge.labels("replayed").set(replayed)
         if remaining is not None:
-            metrics.REPLAY_OFFSETS.labels("remaining").set(remaining)
+            self._gauge.labels("remaining").set(remaining)
         return replayed, remaining
 
     async def run(self, end: Awaitable[int | None] | None = None) -> None:
@@ -97,4 +101,4 @@ class ReplayProgress:
             left = "unknown" if remaining is None else str(remaining)
             log.info("%s: warm join %.0f s in: %d offsets replayed, %s remaining", self.name,
                      time.monotonic() - self._started, replayed, left)
-        metrics.REPLAY_OFFSETS.labels("remaining").set(0)
+        self._gauge.labels("remaining").set(0)

@@ -36,9 +36,10 @@ from aio_pika.abc import (
 )
 
 from sessionbus.bus.topology import Topology
-from sessionbus.consumer import metrics
+from sessionbus.metrics import Metrics
 from sessionbus.schemas.codec import H_REASON, DecodedBatch
 from sessionbus.schemas.errors import EnvelopeError, Reason
+from sessionbus.tasks import Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +73,12 @@ class Subscription(Generic[T]):
         *,
         prefetch: int = 64,
         report_rejects: bool = True,
+        metrics: Metrics | None = None,
+        supervisor: Supervisor | None = None,
     ) -> None:
         self._conn = connection
+        self._m = (metrics or Metrics()).delivery
+        self._supervisor = supervisor or Supervisor(metrics)
         # False for a replay of messages live consumers already judged: counting and
         # dead-lettering them again would double every reject.
         self._report = report_rejects
@@ -114,7 +119,7 @@ class Subscription(Generic[T]):
             raise
         self._channel = channel
         channel.reopen_callbacks.add(self._on_reopen)
-        self._worker = asyncio.get_running_loop().create_task(self._work())
+        self._worker = self._supervisor.spawn(self._work(), "subscription")
         await self._consume()
 
     def _consume_arguments(self) -> dict[str, Any]:
@@ -196,12 +201,11 @@ class Subscription(Generic[T]):
             if self._closing:
                 break
             self._busy = True
+            # An exception here is a bug, not bad input (that is rejected and dead-lettered):
+            # it ends the task, and the supervisor ends the process, instead of a replica that
+            # silently stops applying.
             try:
                 await self._handle(message)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("subscription %s: unexpected error", self._source.name)
             finally:
                 self._busy = False
                 if self._inbox.empty():
@@ -225,13 +229,13 @@ class Subscription(Generic[T]):
             decoded = self._decode(message.body, headers)
         except EnvelopeError as exc:
             if self._report:
-                metrics.EVENTS_REJECTED.labels(exc.reason.value).inc()
+                self._m.events_rejected.labels(exc.reason.value).inc()
                 await self._dead_letter(message, exc.reason.value)
         else:
             failed = await self._handler(decoded) or []
             if isinstance(decoded, DecodedBatch) and decoded.rejected and self._report:
                 for r in decoded.rejected:
-                    metrics.EVENTS_REJECTED.labels(r.reason).inc()
+                    self._m.events_rejected.labels(r.reason).inc()
                 failed = [(r.index, r.reason) for r in decoded.rejected] + failed
             if failed:
                 await self._dead_letter(message, failed[0][1], [i for i, _ in failed])
@@ -260,7 +264,7 @@ class Subscription(Generic[T]):
             try:
                 exchange = await self._channel.get_exchange(self._topo.dlx, ensure=False)
                 await asyncio.wait_for(exchange.publish(copy, routing_key=reason), 10)
-                metrics.MESSAGES_DEAD_LETTERED.labels(
+                self._m.dead_lettered.labels(
                     reason if reason in Reason._value2member_map_ else Reason.MALFORMED.value
                 ).inc()
                 log.warning("subscription %s: message dead-lettered (reason %s)",

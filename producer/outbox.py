@@ -25,7 +25,7 @@ import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
 
 from sessionbus.bus.topology import Topology, declare_core, session_routing_key
-from sessionbus.producer import metrics
+from sessionbus.metrics import Metrics
 from sessionbus.schemas.codec import CONTENT_TYPE, encode_rows
 from sessionbus.schemas.events import EventType, RemoveReason
 from sessionbus.schemas.sealing import BusKeys
@@ -70,6 +70,7 @@ class Outbox:
         topology: Topology,
         keys: BusKeys,
         settings: OutboxSettings = OutboxSettings(),
+        metrics: Metrics | None = None,
     ) -> None:
         self.origin = origin
         self._topo = topology
@@ -86,10 +87,10 @@ class Outbox:
         self._idle = asyncio.Event()
         self._idle.set()
         self._channel: AbstractChannel | None = None
-        self._published = {t: metrics.EVENTS_PUBLISHED.labels(t.value) for t in _PRIORITY}
-        self._dropped = {t: metrics.EVENTS_DROPPED.labels(t.value) for t in _PRIORITY}
-        metrics.OUTBOX_CAPACITY.set(settings.capacity)
-        metrics.OUTBOX_DEPTH.set_function(lambda: self._depth)
+        self._m = (metrics or Metrics()).outbox
+        self._published = {t: self._m.published.labels(t.value) for t in _PRIORITY}
+        self._dropped = {t: self._m.dropped.labels(t.value) for t in _PRIORITY}
+        self._m.track(lambda: self._depth, settings.capacity)
 
     @property
     def depth(self) -> int:
@@ -299,7 +300,7 @@ class Outbox:
                     else "nack" if type(exc).__name__ in ("DeliveryError", "PublishError")
                     else "connection"
                 )
-                metrics.PUBLISH_FAILURES.labels(reason).inc()
+                self._m.publish_failures.labels(reason).inc()
                 log.warning("publish of %d %s events failed (%s); will resend", len(rows),
                             type_.value, type(exc).__name__)
                 self._give_back(type_, rows)
@@ -365,4 +366,4 @@ class Outbox:
         key = getattr(message, "routing_key", "") or ""
         parts = key.split(".")
         type_ = parts[1] if len(parts) > 2 and parts[1] in ("new", "get", "remove") else "new"
-        metrics.MESSAGES_RETURNED.labels(type_).inc()
+        self._m.returned.labels(type_).inc()

@@ -20,7 +20,7 @@ from sessionbus.bus.connection import connect
 from sessionbus.bus.topology import declare_core
 from sessionbus.cli.config import Common, ConfigError, host_port
 from sessionbus.cli.exit_codes import RET_INTERRUPTED
-from sessionbus.consumer.metrics import broker_state, serve_metrics
+from sessionbus.metrics import Metrics, serve_metrics
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +43,8 @@ def bind_tcp(host: str, port: int, flag: str) -> socket.socket:
         raise ConfigError(f"{flag}: cannot listen on {host}:{port}: {_why(exc)}") from None
 
 
-def start_metrics(addr: str | None) -> None:
-    """Serve /metrics on ``addr`` (HOST:PORT) now, or raise a ConfigError naming it.
+def start_metrics(addr: str | None, metrics: Metrics) -> None:
+    """Serve ``metrics`` at http://``addr``/metrics now, or raise a ConfigError naming it.
 
     Every role calls this before it touches the broker, so a taken port is the first thing an
     operator hears about, in one line, not a traceback or a process that looks alive."""
@@ -52,16 +52,18 @@ def start_metrics(addr: str | None) -> None:
         return
     host, port = host_port(addr)
     try:
-        serve_metrics(addr)
+        serve_metrics(addr, metrics.registry)
     except OSError as exc:
         raise ConfigError(f"--metrics: cannot listen on {host}:{port}: {_why(exc)}") from None
 
 
-async def connect_now(common: Common, *, declare: bool = True) -> AbstractRobustConnection:
+async def connect_now(common: Common, metrics: Metrics | None = None, *,
+                      declare: bool = True) -> AbstractRobustConnection:
     """The broker connection of a role that needs it at start (worker, events, keyfile):
     connected and the core topology checked, or BrokerUnavailable."""
+    on_state = metrics.bus.broker_state if metrics is not None else None
     try:
-        conn = await connect(common.broker, on_state=broker_state)
+        conn = await connect(common.broker, on_state=on_state)
     except ConnectionError as exc:
         raise BrokerUnavailable(str(exc)) from None
     if declare:

@@ -9,7 +9,7 @@ from dataclasses import replace
 from typing import Any
 
 from sessionbus.cli.check import core_needs, free_address, run_check
-from sessionbus.cli.commands._common import subparser
+from sessionbus.cli.commands._common import role_metrics, subparser, until_stopped
 from sessionbus.cli.config import ConfigError, add_common, common_from_args, host_port
 from sessionbus.cli.config import node_id as node_id_type
 from sessionbus.cli.runtime import run, start_metrics
@@ -98,10 +98,11 @@ def main(args: argparse.Namespace) -> int:
             ("--redis", free_address("--redis", args.redis)),
         ], needs)
     keys = common.keys()
-    start_metrics(common.metrics)
+    metrics = role_metrics("cache")
+    start_metrics(common.metrics, metrics)
 
     async def serve(stop: asyncio.Event) -> int:
-        front = CacheFront(settings, common.broker, keys, common.topology)
+        front = CacheFront(settings, common.broker, keys, common.topology, metrics=metrics)
         try:
             await front.start()
         except OSError as exc:
@@ -113,8 +114,8 @@ def main(args: argparse.Namespace) -> int:
             for name in front.protocols
         )
         print(f"cache {settings.node_id} listening: {where}", flush=True)
-        await stop.wait()
+        code = await until_stopped(stop, front.supervisor)
         await front.stop()
-        return 0
+        return code
 
     return run(serve)

@@ -8,7 +8,7 @@ import sys
 from typing import Any
 
 from sessionbus.cli.check import consumer_needs, run_check
-from sessionbus.cli.commands._common import csv_of, subparser
+from sessionbus.cli.commands._common import csv_of, role_metrics, subparser, until_stopped
 from sessionbus.cli.config import add_common, common_from_args
 from sessionbus.cli.runtime import connect_now, run, start_metrics
 from sessionbus.consumer.event_printer import printer
@@ -45,17 +45,19 @@ def main(args: argparse.Namespace) -> int:
         return run_check("events", common, [],
                          consumer_needs(common.topology, [printer(types, origins)]))
     keys = common.keys()
-    start_metrics(common.metrics)
+    metrics = role_metrics("events")
+    start_metrics(common.metrics, metrics)
 
     async def serve(stop: asyncio.Event) -> int:
-        conn = await connect_now(common)
-        worker = Worker(conn, common.topology, keys, [printer(types, origins)])
+        conn = await connect_now(common, metrics)
+        worker = Worker(conn, common.topology, keys, [printer(types, origins)],
+                        metrics=metrics)
         await worker.start()
         # stdout carries only JSON lines; readiness goes to stderr
         print("sessionbus events: subscribed", file=sys.stderr, flush=True)
-        await stop.wait()
+        code = await until_stopped(stop, worker.supervisor)
         await worker.stop(5)
         await conn.close()
-        return 0
+        return code
 
     return run(serve)

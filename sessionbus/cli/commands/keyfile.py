@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from sessionbus.cli.check import Needs, run_check
-from sessionbus.cli.commands._common import subparser
+from sessionbus.cli.commands._common import role_metrics, subparser, until_stopped
 from sessionbus.cli.config import ConfigError, add_common, common_from_args, env
 from sessionbus.cli.runtime import connect_now, run, start_metrics
 from sessionbus.servers.keyfile.atomic_files import UnsafeDirectoryError, check_private_dir
@@ -189,15 +189,17 @@ def main(args: argparse.Namespace) -> int:
               flush=True)
         notify_once()
 
-    start_metrics(common.metrics)
+    metrics = role_metrics("keyfile")
+    start_metrics(common.metrics, metrics)
 
     async def serve(stop: asyncio.Event) -> int:
         if all((settings.out / name).is_file() for name in files):
             # Files from a previous run: the server may start with them now (the ring, once
             # it arrives, replaces what changed); only a first run makes it wait for the ring.
             notify_once()
-        conn = await connect_now(common)
-        runner = KeyfileRunner(conn, common.topology, keys, settings, on_ready=ready)
+        conn = await connect_now(common, metrics)
+        runner = KeyfileRunner(conn, common.topology, keys, settings, on_ready=ready,
+                               metrics=metrics)
         try:
             await runner.start()
         except UnsafeDirectoryError as exc:
@@ -205,9 +207,9 @@ def main(args: argparse.Namespace) -> int:
             raise ConfigError(str(exc)) from None
         print(f"keyfile following ticket keys ({settings.fmt.value} into {settings.out})",
               flush=True)
-        await stop.wait()
+        code = await until_stopped(stop, runner.supervisor)
         await runner.stop()
         await conn.close()
-        return 0
+        return code
 
     return run(serve)

@@ -11,7 +11,7 @@ import textwrap
 from typing import Any
 
 from sessionbus.cli.check import Needs, run_check
-from sessionbus.cli.commands._common import subparser
+from sessionbus.cli.commands._common import role_metrics, subparser, until_stopped
 from sessionbus.cli.config import ConfigError, add_common, common_from_args
 from sessionbus.cli.config import node_id as node_id_type
 from sessionbus.cli.runtime import run, start_metrics
@@ -111,18 +111,23 @@ def main(args: argparse.Namespace) -> int:
             read_streams=[topo.key_stream],
         ))
     keys = common.keys()
-    start_metrics(common.metrics)
+    metrics = role_metrics("keys")
+    start_metrics(common.metrics, metrics)
 
     async def serve(stop: asyncio.Event) -> int:
         publisher = KeyPublisher(
             PublisherSettings(publisher_id=publisher_id, timeline=timeline),
-            common.broker, keys, common.topology,
+            common.broker, keys, common.topology, metrics=metrics,
         )
         print(f"key publisher {publisher_id} started: rotate every {timeline.rotate_every:g}s, "
               f"keep {timeline.keep}, announce {timeline.announce_ahead:g}s ahead "
               f"(tickets resume for up to {timeline.decrypt_window:g}s)", flush=True)
-        await publisher.run(stop)
+        done = asyncio.Event()  # the signal, or a failed background task
+        watch = asyncio.ensure_future(until_stopped(stop, publisher.supervisor))
+        watch.add_done_callback(lambda _: done.set())
+        await publisher.run(done)
+        code = await watch
         log.info("key publisher %s stopped", publisher_id)
-        return 0
+        return code
 
     return run(serve)

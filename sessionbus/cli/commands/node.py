@@ -9,7 +9,7 @@ import ssl
 from typing import Any
 
 from sessionbus.cli.check import Needs, core_needs, free_address, run_check
-from sessionbus.cli.commands._common import subparser
+from sessionbus.cli.commands._common import role_metrics, subparser, until_stopped
 from sessionbus.cli.config import (
     Common,
     ConfigError,
@@ -85,12 +85,13 @@ def main(args: argparse.Namespace) -> int:
     # Listeners first, before the certificate, the bus or any task: a taken port is one line
     # and exit 3 at once (a node that cannot listen must not look alive).
     sock = bind_tcp(args.listen[0], args.listen[1], "--listen")
-    start_metrics(common.metrics)
+    metrics = role_metrics("node")
+    start_metrics(common.metrics, metrics)
     keys = common.keys()
 
     async def serve(stop: asyncio.Event) -> int:
         try:
-            node = Node(settings, common.broker, keys, common.topology)
+            node = Node(settings, common.broker, keys, common.topology, metrics=metrics)
         except (ssl.SSLError, OSError) as exc:
             raise ConfigError(f"cannot load certificate/key: {exc.strerror or exc}") from None
         except BindingError as exc:
@@ -98,9 +99,9 @@ def main(args: argparse.Namespace) -> int:
         await node.start(sock)
         print(f"node {settings.node_id} listening on {node.address[0]}:{node.address[1]}",
               flush=True)
-        await stop.wait()
+        code = await until_stopped(stop, node.supervisor)
         await node.stop()
-        return 0
+        return code
 
     return run(serve)
 

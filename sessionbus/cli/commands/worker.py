@@ -10,7 +10,7 @@ import sys
 from typing import Any
 
 from sessionbus.cli.check import consumer_needs, run_check
-from sessionbus.cli.commands._common import subparser
+from sessionbus.cli.commands._common import role_metrics, subparser, until_stopped
 from sessionbus.cli.config import ConfigError, add_common, common_from_args
 from sessionbus.cli.runtime import connect_now, run, start_metrics
 from sessionbus.consumer.farm_stats import farm_stats
@@ -48,23 +48,24 @@ def main(args: argparse.Namespace) -> int:
         consumers = [load_consumer(s) for s in args.consumer]
     except ImportStringError as exc:
         raise ConfigError(f"--consumer {exc}") from None
+    metrics = role_metrics("worker")
     if not args.no_stats:
-        consumers.append(farm_stats())
+        consumers.append(farm_stats(metrics))
     if not consumers:
         raise ConfigError("nothing to run: give --consumer or drop --no-stats")
     if args.check:
         return run_check("worker", common, [], consumer_needs(common.topology, consumers))
     keys = common.keys()
-    start_metrics(common.metrics)
+    start_metrics(common.metrics, metrics)
 
     async def serve(stop: asyncio.Event) -> int:
-        conn = await connect_now(common)
-        worker = Worker(conn, common.topology, keys, consumers)
+        conn = await connect_now(common, metrics)
+        worker = Worker(conn, common.topology, keys, consumers, metrics=metrics)
         await worker.start()
         print(f"worker running {', '.join(c.name for c in consumers)}", flush=True)
-        await stop.wait()
+        code = await until_stopped(stop, worker.supervisor)
         drained = await worker.stop(args.drain_timeout)
         await conn.close()
-        return 0 if drained else 1
+        return code if drained else 1
 
     return run(serve)
