@@ -114,3 +114,16 @@ def test_one_shot_role_without_a_broker_exits_4_in_one_line(
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith(f"sessionbus {role}: ") and "127.0.0.1:1" in last, out.stderr
     assert "secret-pw" not in out.stderr
+
+
+def test_check_names_a_missing_file_and_exits_3(files: dict[str, str], tmp_path: Path) -> None:
+    env = {"SESSIONBUS_BUS_KEY_FILE": str(tmp_path / "missing.key"),
+           "SESSIONBUS_AMQP_URL": "amqp://guest:guest@127.0.0.1:1/"}
+    out, _ = timed("node", "--node-id", "a", "--listen", "127.0.0.1:0", "--cert",
+                   files["cert"], "--key", files["cert"], "--check", env=env)
+    assert out.returncode == RET_CONFIG, out.stdout + out.stderr
+    lines = out.stdout.splitlines()
+    assert "FAIL  bus key: bus key file" in out.stdout and "does not exist" in out.stdout
+    assert any(x.startswith("FAIL  certificate: cannot load certificate/key") for x in lines)
+    assert any(x.startswith("FAIL  broker: ") for x in lines)  # still checked, and said
+    assert "Traceback" not in out.stdout + out.stderr
