@@ -15,7 +15,7 @@ from dataclasses import replace
 
 from aio_pika.abc import AbstractRobustConnection
 
-from sessionbus.bus.connection import BrokerSettings, connect, retry
+from sessionbus.bus.connection import BROKER_ERRORS, BrokerSettings, connect, retry
 from sessionbus.bus.topology import Topology, declare_core, declare_with
 from sessionbus.consumer.peer_cache import PeerCache
 from sessionbus.consumer.replicator import Replicator, ReplicatorSettings
@@ -121,5 +121,5 @@ class LocalSessions:
         if self.connection is not None:
             try:
                 await self.connection.close()
-            except Exception as exc:  # shutting down: the broker may be gone already
+            except BROKER_ERRORS as exc:  # shutting down: the broker may be gone already
                 log.debug("closing the broker connection: %s", type(exc).__name__)

@@ -35,6 +35,7 @@ from aio_pika.abc import (
     AbstractRobustQueue,
 )
 
+from sessionbus.bus.connection import BROKER_ERRORS
 from sessionbus.bus.topology import Topology
 from sessionbus.metrics import Metrics
 from sessionbus.schemas.codec import H_REASON, DecodedBatch
@@ -114,7 +115,7 @@ class Subscription(Generic[T]):
             else:
                 self._queue = await channel.get_queue(self._source.name, ensure=True)
         except BaseException:
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(*BROKER_ERRORS):
                 await channel.close()
             raise
         self._channel = channel
@@ -143,7 +144,7 @@ class Subscription(Generic[T]):
         log.info("subscription %s: channel reopened, subscribing again", self._source.name)
         try:
             await self._consume()
-        except Exception as exc:  # the next reopen tries again
+        except BROKER_ERRORS as exc:  # the next reopen tries again
             log.warning("subscription %s: resubscribe failed: %s", self._source.name, exc)
 
     async def _deliver(self, message: AbstractIncomingMessage) -> None:
@@ -154,7 +155,7 @@ class Subscription(Generic[T]):
         """Stop receiving new deliveries (what is already here is still handled)."""
         self._stopping = True
         if self._queue is not None and self._tag is not None:
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(*BROKER_ERRORS):
                 await asyncio.wait_for(self._queue.cancel(self._tag), 5)
             self._tag = None
 
@@ -179,7 +180,7 @@ class Subscription(Generic[T]):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._worker
         if self._channel is not None and not self._channel.is_closed:
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(*BROKER_ERRORS):
                 await self._channel.close()
         return finished
 
@@ -241,7 +242,7 @@ class Subscription(Generic[T]):
                 await self._dead_letter(message, failed[0][1], [i for i, _ in failed])
         if offset is not None:
             self.last_offset = offset
-        with contextlib.suppress(Exception):  # a closed channel: redelivered, applied again
+        with contextlib.suppress(*BROKER_ERRORS):  # a closed channel: redelivered, applied again
             await message.ack()
         self.handled += 1
 
@@ -270,7 +271,7 @@ class Subscription(Generic[T]):
                 log.warning("subscription %s: message dead-lettered (reason %s)",
                             self._source.name, reason)
                 return
-            except Exception as exc:
+            except BROKER_ERRORS as exc:
                 log.warning("dead-letter publish failed (attempt %d): %s", attempt + 1,
                             type(exc).__name__)
                 await asyncio.sleep(0.5 * (attempt + 1))

@@ -176,7 +176,7 @@ class Node:
         finally:
             self._conns.discard(task)
             writer.close()
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(OSError, TimeoutError):  # the peer is gone: nothing to do
                 await asyncio.wait_for(writer.wait_closed(), 2)
 
     async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -204,7 +204,7 @@ class Node:
                     dst.write(data)
                     await dst.drain()
             finally:
-                with contextlib.suppress(Exception):
+                with contextlib.suppress(OSError, RuntimeError):  # RuntimeError: transport closed
                     if dst.can_write_eof():
                         dst.write_eof()
 

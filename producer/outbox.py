@@ -24,6 +24,7 @@ from typing import Any
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
 
+from sessionbus.bus.connection import BROKER_ERRORS
 from sessionbus.bus.topology import Topology, declare_core, session_routing_key
 from sessionbus.metrics import Metrics
 from sessionbus.schemas.codec import CONTENT_TYPE, encode_rows
@@ -276,6 +277,13 @@ class Outbox:
         exchange: AbstractExchange | None = None
         failed = asyncio.Event()
         tasks: set[asyncio.Task[None]] = set()
+        crashed: list[BaseException] = []  # a publish that raised something not the broker's
+
+        def done(task: asyncio.Task[None]) -> None:
+            tasks.discard(task)
+            if not task.cancelled() and task.exception() is not None:
+                crashed.append(task.exception())  # type: ignore[arg-type]
+                self._wake.set()
 
         async def publish(type_: EventType, rows: list[list[Any]],
                           exchange: AbstractExchange) -> None:
@@ -294,7 +302,7 @@ class Outbox:
                     ),
                     self._s.publish_timeout,
                 )
-            except Exception as exc:
+            except BROKER_ERRORS as exc:
                 reason = (
                     "timeout" if isinstance(exc, TimeoutError)
                     else "nack" if type(exc).__name__ in ("DeliveryError", "PublishError")
@@ -315,6 +323,8 @@ class Outbox:
                 self._wake.set()
 
         while True:
+            if crashed:
+                raise crashed[0]  # a bug: the supervisor logs it and ends the process
             if self._depth == 0:
                 self._wake.clear()
                 if self._in_flight == 0:
@@ -326,7 +336,7 @@ class Outbox:
                 await connection.connected.wait()
                 try:
                     exchange = await self._open(connection)
-                except Exception as exc:
+                except BROKER_ERRORS as exc:
                     log.warning("cannot open publishing channel: %s", type(exc).__name__)
                     await asyncio.sleep(0.5)
                     continue
@@ -349,13 +359,13 @@ class Outbox:
             self._in_flight += 1
             task = asyncio.get_running_loop().create_task(publish(*taken, exchange))
             tasks.add(task)
-            task.add_done_callback(tasks.discard)
+            task.add_done_callback(done)
             if failed.is_set():
                 await asyncio.sleep(0.2)  # the connection is going: let it go before retrying
 
     async def _open(self, connection: AbstractRobustConnection) -> AbstractExchange:
         if self._channel is not None:  # one publishing channel at a time
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(*BROKER_ERRORS):
                 await asyncio.wait_for(self._channel.close(), 2)
         self._channel = channel = await connection.channel(publisher_confirms=True)
         channel.return_callbacks.add(self._on_return)

@@ -34,7 +34,7 @@ from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractRobustConn
 from aiormq.exceptions import AMQPError, ChannelLockedResource
 from yarl import URL
 
-from sessionbus.bus.connection import BrokerSettings, connect, retry, tls_context
+from sessionbus.bus.connection import BROKER_ERRORS, BrokerSettings, connect, retry, tls_context
 from sessionbus.bus.topology import (
     Topology,
     declare_core,
@@ -119,7 +119,7 @@ class KeyPublisher:
                 except LostLock as exc:
                     log.warning("key publisher %s: lost the lock (%s); standing by",
                                 self.s.publisher_id, exc)
-                except Exception as exc:  # a channel error while leading: give the lock up
+                except BROKER_ERRORS as exc:  # a channel error while leading: give the lock up
                     log.warning("key publisher %s: giving up the lock after %s; standing by",
                                 self.s.publisher_id, _describe_error(exc))
                 finally:
@@ -132,10 +132,10 @@ class KeyPublisher:
                 await follow
             await self._drop_lock_connection()
             if self._follower is not None:
-                with contextlib.suppress(Exception):
+                with contextlib.suppress(*BROKER_ERRORS):
                     await self._follower.stop()
             if self._connection is not None:
-                with contextlib.suppress(Exception):
+                with contextlib.suppress(*BROKER_ERRORS):
                     await self._connection.close()
 
     async def _follow(self) -> None:
@@ -163,7 +163,7 @@ class KeyPublisher:
             if self._lock_conn is None or self._lock_conn.is_closed:
                 self._lock_conn = await self._open_lock_connection()
             channel = await self._lock_conn.channel(publisher_confirms=True)
-        except Exception as exc:
+        except BROKER_ERRORS as exc:
             if not self._unreachable:  # once per outage, not every second
                 log.warning("key publisher %s: cannot reach the broker for the lock (%s)",
                             self.s.publisher_id, type(exc).__name__)
@@ -180,7 +180,7 @@ class KeyPublisher:
                          self.s.publisher_id)
                 self._standing_by = True
             return None
-        except Exception as exc:
+        except BROKER_ERRORS as exc:
             log.warning("key publisher %s: lock attempt failed (%s)", self.s.publisher_id,
                         _describe_error(exc))
             await self._drop_lock_connection()
@@ -196,7 +196,7 @@ class KeyPublisher:
     async def _drop_lock_connection(self) -> None:
         conn, self._lock_conn = self._lock_conn, None
         if conn is not None and not conn.is_closed:
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(*BROKER_ERRORS):
                 await asyncio.wait_for(conn.close(), 5)
 
     # --- leading ----------------------------------------------------------------------------
@@ -229,7 +229,7 @@ class KeyPublisher:
                     ),
                     self.s.publish_timeout,
                 )
-            except Exception as exc:
+            except BROKER_ERRORS as exc:
                 raise LostLock(f"publish failed: {type(exc).__name__}") from None
             self._published[reason].inc()
 
@@ -280,10 +280,10 @@ class KeyPublisher:
                     if fresh.ring is seen:
                         break
             found = fresh.ring
-        except Exception as exc:
+        except BROKER_ERRORS as exc:
             raise LostLock(f"cannot read the key stream: {type(exc).__name__}") from None
         finally:
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(*BROKER_ERRORS):
                 await fresh.stop()
         held = self._follower.ring if self._follower is not None else None
         return newest(newest(found, held), self.ring)

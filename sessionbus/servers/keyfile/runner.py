@@ -400,10 +400,8 @@ class KeyfileRunner:
             try:
                 if ring is not None:
                     await self.sync(ring, time.time())
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # a bug: keep the files as they are, try again next tick
-                log.exception("keyfile: unexpected error")
+            except (OSError, KeyFileError) as exc:  # keep the files as they are, retry next tick
+                log.warning("keyfile: cannot write the key files: %s", exc)
             delay = self._next_delay(ring, time.time())
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), delay)
