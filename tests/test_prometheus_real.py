@@ -192,7 +192,10 @@ def test_dashboard_has_data_and_the_broker_alert_fires_and_resolves(
         keyfile = start(["keyfile", "--format", "nginx", "--out", str(out),
                          "--metrics", f"127.0.0.1:{keyfile_metrics}"], env)
         procs.append(keyfile)
-        for p, text in ((node3, "listening"), (cache, "listening"), (keyfile, "ready")):
+        # keyfile: running is enough (a new farm has no encrypting key for --announce-ahead, so
+        # its files, and "ready", come later; its families are there at once).
+        for p, text in ((node3, "listening"), (cache, "listening"),
+                        (keyfile, "keyfile following ticket keys")):
             p.wait_for(text, timeout=60)
 
         ports = {9400: farm.metrics_port("keys"), 9401: farm.metrics_port("worker"),
