@@ -10,6 +10,7 @@ bytes or keys: a session is named by ``session_ref`` only.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -24,9 +25,10 @@ from sessionbus.schemas.errors import EnvelopeError
 from sessionbus.schemas.sealing import BusKeys
 
 H_SOURCE = "sessionbus-source"
+H_REPLAY_TO = "sessionbus-replay-to"  # routes a replayed copy to its one consumer queue
 H_INDEXES = "sessionbus-rejected-indexes"
 # Headers the dead-lettering added: a replayed copy goes back as it was first published.
-_DEAD_HEADERS = (H_REASON, H_SOURCE, H_INDEXES, H_REPLAY_INDEXES, "x-death",
+_DEAD_HEADERS = (H_REASON, H_SOURCE, H_INDEXES, H_REPLAY_INDEXES, H_REPLAY_TO, "x-death",
                  "x-first-death-exchange", "x-first-death-queue", "x-first-death-reason")
 
 
@@ -112,10 +114,16 @@ class Walk:
 
 class DeadLetters:
     def __init__(self, connection: AbstractRobustConnection, topology: Topology,
-                 keys: BusKeys) -> None:
+                 keys: BusKeys, user: str) -> None:
         self._conn = connection
         self._topo = topology
         self._keys = keys
+        self._user = user  # the broker user this tool publishes as (the broker checks it)
+        self._bound: set[str] = set()
+
+    @property
+    def replay_exchange(self) -> str:
+        return f"{self._topo.prefix}.replay"
 
     def replayable(self, letter: DeadLetter) -> str | None:
         """Why ``letter`` cannot go back to its consumer, or None if it can."""
@@ -156,7 +164,30 @@ class DeadLetters:
                     result.done.append(letter)
         finally:
             await channel.close()  # every message not acked returns to the queue
+            if self._bound:
+                await self._unbind()
         return result
+
+    async def _unbind(self) -> None:
+        """Take the replay exchange's bindings away again, and the exchange if no other walk
+        uses it (best effort: a leftover binding routes only what this tool publishes)."""
+        channel = await self._conn.channel()
+        try:
+            exchange = await channel.get_exchange(self.replay_exchange, ensure=False)
+            for queue in sorted(self._bound):
+                with contextlib.suppress(Exception):
+                    q = await channel.get_queue(queue, ensure=False)
+                    await q.unbind(exchange, arguments=self._match(queue))
+            with contextlib.suppress(Exception):
+                await exchange.delete(if_unused=True)
+        finally:
+            self._bound.clear()
+            with contextlib.suppress(Exception):
+                await channel.close()
+
+    @staticmethod
+    def _match(queue: str) -> dict[str, Any]:
+        return {"x-match": "all", H_REPLAY_TO: queue}
 
     async def _replay(self, channel: AbstractChannel, message: AbstractIncomingMessage,
                       letter: DeadLetter) -> None:
@@ -165,11 +196,21 @@ class DeadLetters:
         }
         if letter.rejected and letter.reason == "handler":
             headers[H_REPLAY_INDEXES] = list(letter.rejected)
+        headers[H_REPLAY_TO] = letter.source
         copy = aio_pika.Message(
             message.body, headers=headers, content_type=message.content_type,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT, user_id=self._user,
         )
-        # Straight into the consumer's own queue; mandatory: a queue that is gone is an error,
-        # not a silent drop (and the dead letter stays).
-        await channel.default_exchange.publish(copy, routing_key=letter.source, mandatory=True,
-                                               timeout=10)
+        # Into the consumer's own queue only, yet with the routing key its origin published it
+        # on (the receiver checks it, and it is in the sealed message's associated data): a
+        # headers exchange of our own, bound to that one queue by a header naming it.
+        # Mandatory: a queue that is gone is an error, not a silent drop (the letter stays).
+        exchange = await channel.declare_exchange(
+            self.replay_exchange, aio_pika.ExchangeType.HEADERS, durable=False,
+        )
+        if letter.source not in self._bound:
+            queue = await channel.get_queue(letter.source, ensure=True)
+            await queue.bind(exchange, arguments=self._match(letter.source))
+            self._bound.add(letter.source)
+        await exchange.publish(copy, routing_key=f"session.{letter.type}.{letter.origin}",
+                               mandatory=True, timeout=10)

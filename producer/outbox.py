@@ -19,7 +19,7 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
@@ -27,11 +27,16 @@ from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnec
 from sessionbus.bus.connection import BROKER_ERRORS
 from sessionbus.bus.topology import Topology, declare_core, session_routing_key
 from sessionbus.metrics import Metrics
-from sessionbus.schemas.codec import CONTENT_TYPE, encode_rows
+from sessionbus.schemas.codec import CONTENT_TYPE, encode_rows, sender_user
 from sessionbus.schemas.events import EventType, RemoveReason
+from sessionbus.schemas.rows import GetRow, NewRow, RemoveRow, Row
 from sessionbus.schemas.sealing import BusKeys
 
 log = logging.getLogger(__name__)
+
+# put_get builds its row in one C call (tuple.__new__), not through GetRow's Python __new__: a
+# cache front queues one per get (bench row httpd_cache "resumed 1.2 handshakes/s").
+_new_row = tuple.__new__
 
 _PRIORITY = (EventType.NEW, EventType.REMOVE, EventType.GET)
 _ROW_OVERHEAD = 128  # msgpack framing, id, sid_ctx, times of one row, generously
@@ -77,7 +82,7 @@ class Outbox:
         self._topo = topology
         self._keys = keys
         self._s = settings
-        self._queues: dict[EventType, deque[list[Any]]] = {t: deque() for t in _PRIORITY}
+        self._queues: dict[EventType, deque[Row]] = {t: deque() for t in _PRIORITY}
         self._gets = self._queues[EventType.GET]
         self._depth = 0
         self._seq = 0
@@ -101,7 +106,8 @@ class Outbox:
 
     def put_new(self, session_id: bytes, sid_ctx: bytes, expires: float, der: bytes,
                 opaque: bool = False) -> None:
-        self._put(EventType.NEW, session_id, [sid_ctx, expires, der, opaque])
+        self._put(EventType.NEW, NewRow(self._next_seq(), time.time(), session_id, sid_ctx,
+                                        expires, der, opaque))
 
     def put_get(self, session_id: bytes, sid_ctx: bytes, expires: float, hit: bool,
                 session_origin: str | None) -> None:
@@ -110,8 +116,8 @@ class Outbox:
             return
         self._seq += 1
         gets = self._gets
-        gets.append([self._seq, time.time(), session_id, sid_ctx, expires, hit,
-                     session_origin or ""])
+        gets.append(_new_row(GetRow, (self._seq, time.time(), session_id, sid_ctx, expires, hit,
+                                      session_origin or "")))
         self._depth += 1
         # An event joining held events changes nothing for the publisher until the batch is
         # full: waking it per event (a timer and a task each time) cost a cache front more CPU
@@ -124,15 +130,19 @@ class Outbox:
 
     def put_remove(self, session_id: bytes, sid_ctx: bytes, expires: float,
                    reason: RemoveReason) -> None:
-        self._put(EventType.REMOVE, session_id, [sid_ctx, expires, reason.value])
+        self._put(EventType.REMOVE, RemoveRow(self._next_seq(), time.time(), session_id,
+                                              sid_ctx, expires, reason.value))
 
-    def _put(self, type_: EventType, session_id: bytes, tail: list[Any]) -> None:
-        """Queue a NEW or REMOVE (``tail``: the row after seq, time and id)."""
+    def _next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    def _put(self, type_: EventType, row: Row) -> None:
+        """Queue a NEW or REMOVE row."""
         if self._depth >= self._s.capacity and not self._make_room(type_):
             return
-        self._seq += 1
         q = self._queues[type_]
-        q.append([self._seq, time.time(), session_id, *tail])
+        q.append(row)
         self._depth += 1
         if self._depth == 1:
             self._idle.clear()
@@ -183,18 +193,18 @@ class Outbox:
                 waits.append(self._slot_wait(t, q, now))
         return max(0.0, min(waits)) if waits else 0.0
 
-    def _slot_wait(self, type_: EventType, q: deque[list[Any]], now: float) -> float:
+    def _slot_wait(self, type_: EventType, q: deque[Row], now: float) -> float:
         if not self._s.min_interval or len(q) >= self._s.batch_max:
             return 0.0
         return self._last_taken[type_] + self._s.min_interval - now
 
-    def _get_wait(self, gets: deque[list[Any]], now: float) -> float:
+    def _get_wait(self, gets: deque[Row], now: float) -> float:
         if len(gets) >= self._s.get_batch_max:
             return 0.0
-        oldest: float = gets[0][1]
+        oldest: float = gets[0].time
         return oldest + self._s.get_linger - now
 
-    def _take(self, everything: bool = False) -> tuple[EventType, list[list[Any]]] | None:
+    def _take(self, everything: bool = False) -> tuple[EventType, list[Row]] | None:
         """The next batch: of the types that are due (see ``_hold``; all if ``everything``),
         from the one whose oldest event is oldest, as many as may go.
 
@@ -210,10 +220,10 @@ class Outbox:
         for t, q in self._queues.items():
             if not q:
                 continue
-            heads.append((q[0][0], t))
+            heads.append((q[0].seq, t))
             wait = self._get_wait(q, now) if t is EventType.GET else self._slot_wait(t, q, now)
             if everything or wait <= 0:
-                due.append((q[0][0], t))
+                due.append((q[0].seq, t))
         if not due:
             return None
         taken = self._take_from(min(due)[1])
@@ -223,7 +233,7 @@ class Outbox:
             self._last_taken[taken[0]] = now
         return taken
 
-    def _take_from(self, type_: EventType) -> tuple[EventType, list[list[Any]]] | None:
+    def _take_from(self, type_: EventType) -> tuple[EventType, list[Row]] | None:
         q = self._queues[type_]
         n = min(len(q), self._s.get_batch_max if type_ is EventType.GET else self._s.batch_max)
         candidate = list(itertools.islice(q, n))
@@ -232,25 +242,25 @@ class Outbox:
             # sessions with client certificates can be a few KB each.
             size = 0
             for i, row in enumerate(candidate):
-                size += len(row[5]) + _ROW_OVERHEAD
+                size += len(cast(NewRow, row).der) + _ROW_OVERHEAD
                 if size > self._s.batch_bytes and i:
                     candidate = candidate[:i]
                     break
-        last_seq = candidate[-1][0]
+        last_seq = candidate[-1].seq
         older: dict[bytes, int] = {}
         for t, other in self._queues.items():
             if t is type_:
                 continue
             for row in other:
-                if row[0] > last_seq:
+                if row.seq > last_seq:
                     break
-                seen = older.get(row[2])
-                if seen is None or row[0] < seen:
-                    older[row[2]] = row[0]
+                seen = older.get(row.session_id)
+                if seen is None or row.seq < seen:
+                    older[row.session_id] = row.seq
         if older:
             for i, row in enumerate(candidate):
-                first = older.get(row[2])
-                if first is not None and first < row[0]:
+                first = older.get(row.session_id)
+                if first is not None and first < row.seq:
                     candidate = candidate[:i]
                     break
         if not candidate:
@@ -260,7 +270,7 @@ class Outbox:
         self._depth -= len(candidate)
         return type_, candidate
 
-    def _give_back(self, type_: EventType, rows: list[list[Any]]) -> None:
+    def _give_back(self, type_: EventType, rows: list[Row]) -> None:
         self._queues[type_].extendleft(reversed(rows))
         self._depth += len(rows)
         # Over capacity after a give-back: trim in the same order as _put would have.
@@ -275,6 +285,7 @@ class Outbox:
         """Publish forever (until cancelled)."""
         slots = asyncio.Semaphore(self._s.in_flight)
         exchange: AbstractExchange | None = None
+        user_id = sender_user(str(getattr(connection, "url", "")))  # the broker checks it
         failed = asyncio.Event()
         tasks: set[asyncio.Task[None]] = set()
         crashed: list[BaseException] = []  # a publish that raised something not the broker's
@@ -285,7 +296,7 @@ class Outbox:
                 crashed.append(task.exception())  # type: ignore[arg-type]
                 self._wake.set()
 
-        async def publish(type_: EventType, rows: list[list[Any]],
+        async def publish(type_: EventType, rows: list[Row],
                           exchange: AbstractExchange) -> None:
             try:
                 body, headers = encode_rows(type_, self.origin, rows, self._keys)
@@ -293,7 +304,7 @@ class Outbox:
                 msg = aio_pika.Message(
                     body, headers=headers, content_type=CONTENT_TYPE,
                     delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                    message_id=f"{self.origin}.{self._batches}",
+                    message_id=f"{self.origin}.{self._batches}", user_id=user_id,
                 )
                 await asyncio.wait_for(
                     exchange.publish(

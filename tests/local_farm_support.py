@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from sessionbus.schemas.codec import sender_user
 from tests.farm_support import AMQP_URL, Proc, delete_topology, start, unique_prefix
 
 
@@ -45,7 +46,13 @@ class LocalFarm:
     def env(self) -> dict[str, str]:
         """The environment a role run against this farm needs."""
         return {"SESSIONBUS_AMQP_URL": AMQP_URL, "SESSIONBUS_PREFIX": self.prefix,
-                "SESSIONBUS_BUS_KEY_FILE": str(self.directory / "bus.key")}
+                "SESSIONBUS_BUS_KEY_FILE": str(self.directory / "bus.key"),
+                "SESSIONBUS_RING_PUBLIC_KEY_FILE": str(self.directory / "ring-public.key"),
+                "SESSIONBUS_ANY_ORIGIN_USERS": sender_user(AMQP_URL)}
+
+    @property
+    def signing_key(self) -> Path:
+        return self.directory / "ring-signing.key"
 
     def metrics_port(self, role: str) -> int:
         if role == "keys":

@@ -43,7 +43,8 @@ def test_check_passes_for_every_role_on_the_local_farms_settings(
     out_dir = tmp_path / "keyfiles"
     out_dir.mkdir(mode=0o700)
     for args in (node_args(farm), [*node_args(farm), "--tickets", "stateless"], ["worker"],
-                 ["events"], ["keys"], ["keyfile", "--format", "nginx", "--out", str(out_dir)]):
+                 ["events"], ["keys", "--ring-signing-key-file", str(farm.signing_key)],
+                 ["keyfile", "--format", "nginx", "--out", str(out_dir)]):
         out = sb(farm, *args, "--check")
         lines = out.stdout.splitlines()
         assert out.returncode == 0, (args, out.stdout, out.stderr)

@@ -17,6 +17,7 @@ from sessionbus.cli.exit_codes import (
     RET_USAGE,
 )
 from sessionbus.cli.runtime import BrokerUnavailable
+from sessionbus.cli.safety import disable_core_dumps
 
 EXAMPLES = """\
 examples:
@@ -52,6 +53,7 @@ def build_parser() -> Parser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    disable_core_dumps()  # before any key is read: no core file, no ptrace by same-uid peers
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -97,9 +97,9 @@ def main(args: argparse.Namespace) -> int:
             ("--memcache", free_address("--memcache", args.memcache)),
             ("--redis", free_address("--redis", args.redis)),
         ], needs)
-    keys = common.keys()
     metrics = role_metrics("cache")
-    start_metrics(common.metrics, metrics)
+    start_metrics(common.metrics, metrics)  # listeners before anything else
+    keys = common.keys()
 
     async def serve(stop: asyncio.Event) -> int:
         front = CacheFront(settings, common.broker, keys, common.topology, metrics=metrics)

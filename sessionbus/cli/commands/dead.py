@@ -13,6 +13,7 @@ from sessionbus.cli.config import ConfigError, add_common, common_from_args
 from sessionbus.cli.exit_codes import RET_FAILURE, RET_OK
 from sessionbus.cli.runtime import BrokerUnavailable, connect_now
 from sessionbus.consumer.dead_letters import DeadLetters
+from sessionbus.schemas.codec import sender_user
 from sessionbus.schemas.errors import Reason
 
 DESCRIPTION = """\
@@ -23,7 +24,8 @@ list    print one line per dead letter: reason, source, type, origin, age, event
         indexes of the events that failed and their sessions' short hashes (never a session id,
         session bytes or a key)
 replay  re-queue each to the consumer queue it came from (a handler fixed since can now take
-        it); a message that failed in a handler is replayed for its failed events only.
+        it; restart the worker first: a running one refuses the copy as a replay); a message
+        that failed in a handler is replayed for its failed events only.
         Letters from a stream (a replica's) or that cannot be opened are left, and said so
 purge   drop them (needs --reason, --limit or --all)
 Messages not acted on stay in the queue, in order."""
@@ -58,7 +60,8 @@ def main(args: argparse.Namespace) -> int:
     async def go() -> int:
         conn = await connect_now(common, declare=False)
         try:
-            walk = await DeadLetters(conn, common.topology, keys).walk(
+            walk = await DeadLetters(conn, common.topology, keys,
+                                     sender_user(common.broker.url)).walk(
                 args.action, args.reason, args.limit
             )
         except aiormq.exceptions.ChannelNotFoundEntity:

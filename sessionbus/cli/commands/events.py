@@ -44,9 +44,9 @@ def main(args: argparse.Namespace) -> int:
     if args.check:
         return run_check("events", common, [],
                          consumer_needs(common.topology, [printer(types, origins)]))
-    keys = common.keys()
     metrics = role_metrics("events")
-    start_metrics(common.metrics, metrics)
+    start_metrics(common.metrics, metrics)  # listeners before anything else
+    keys = common.keys()
 
     async def serve(stop: asyncio.Event) -> int:
         conn = await connect_now(common, metrics)

@@ -165,15 +165,30 @@ def notify_ready() -> None:
         log.warning("cannot notify systemd: %s", exc.strerror or type(exc).__name__)
 
 
+NO_PUBLIC_KEY = ("no ring public key: pass --ring-public-key-file or set "
+                 "SESSIONBUS_RING_PUBLIC_KEY_FILE")
+
+
 def main(args: argparse.Namespace) -> int:
     common = common_from_args(args)
     settings = settings_from_args(args)
     if args.check:
         topo = common.topology
+
+        def ring_public_key() -> str:
+            if not common.keys().verifies_rings:
+                raise ConfigError(NO_PUBLIC_KEY)
+            return f"{common.ring_public_key_file} verifies rings"
+
         return run_check("keyfile", common, [
             ("--out", lambda: f"{settings.out} is a private directory"),
+            ("ring public key", ring_public_key),
         ], Needs(queues=[topo.key_stream], read_streams=[topo.key_stream]))
+    metrics = role_metrics("keyfile")
+    start_metrics(common.metrics, metrics)  # listeners before anything else
     keys = common.keys()
+    if not keys.verifies_rings:  # every ring would be refused
+        raise ConfigError(NO_PUBLIC_KEY)
     files = _files(settings.fmt, settings.slots)
 
     notified = False
@@ -188,9 +203,6 @@ def main(args: argparse.Namespace) -> int:
         print(f"keyfile: {len(files)} {settings.fmt.value} key file(s) ready in {settings.out}",
               flush=True)
         notify_once()
-
-    metrics = role_metrics("keyfile")
-    start_metrics(common.metrics, metrics)
 
     async def serve(stop: asyncio.Event) -> int:
         if all((settings.out / name).is_file() for name in files):

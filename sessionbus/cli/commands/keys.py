@@ -12,7 +12,7 @@ from typing import Any
 
 from sessionbus.cli.check import Needs, run_check
 from sessionbus.cli.commands._common import role_metrics, subparser, until_stopped
-from sessionbus.cli.config import ConfigError, add_common, common_from_args
+from sessionbus.cli.config import ConfigError, add_common, common_from_args, env
 from sessionbus.cli.config import node_id as node_id_type
 from sessionbus.cli.runtime import run, start_metrics
 from sessionbus.keys.publisher import KeyPublisher, PublisherSettings
@@ -89,8 +89,16 @@ def register(sub: Any, exit_codes: str) -> None:
     p.add_argument("--publisher-id", type=node_id_type, default=None, metavar="ID",
                    help="origin of the rings this publisher sends, [a-z0-9-] "
                    "(default keys-<hostname>)")
+    p.add_argument("--ring-signing-key-file", default=env("SESSIONBUS_RING_SIGNING_KEY_FILE"),
+                   metavar="FILE", help="Ed25519 key the rings are signed with, mode 0600; "
+                   "leader and standby share it (env SESSIONBUS_RING_SIGNING_KEY_FILE; make "
+                   "it with `sessionbus bus-key signing-key`)")
     add_common(p)
     p.set_defaults(func=main)
+
+
+NO_SIGNING_KEY = ("no ring signing key: pass --ring-signing-key-file or set "
+                  "SESSIONBUS_RING_SIGNING_KEY_FILE (`sessionbus bus-key signing-key`)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -106,13 +114,21 @@ def main(args: argparse.Namespace) -> int:
     publisher_id = args.publisher_id or default_publisher_id()
     if args.check:
         topo = common.topology
-        return run_check("keys", common, [], Needs(
+
+        def signing_key() -> str:
+            if not common.keys().can_sign_rings:
+                raise ConfigError(NO_SIGNING_KEY)
+            return f"{common.ring_signing_key_file} signs rings"
+
+        return run_check("keys", common, [("ring signing key", signing_key)], Needs(
             exchanges=[topo.keys_exchange], queues=[topo.key_stream],
             read_streams=[topo.key_stream],
         ))
-    keys = common.keys()
     metrics = role_metrics("keys")
-    start_metrics(common.metrics, metrics)
+    start_metrics(common.metrics, metrics)  # listeners before anything else
+    keys = common.keys()
+    if not keys.can_sign_rings:
+        raise ConfigError(NO_SIGNING_KEY)
 
     async def serve(stop: asyncio.Event) -> int:
         publisher = KeyPublisher(

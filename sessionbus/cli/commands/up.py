@@ -106,9 +106,11 @@ def main(args: argparse.Namespace) -> int:
             print("  " + line)
         a, b = ports[0], ports[min(1, len(ports) - 1)]
         print("\nrun more roles against this farm (a consumer, `sessionbus events`) with:")
-        print(f"  export SESSIONBUS_BUS_KEY_FILE={settings.directory / 'bus.key'}"
-              + (f" SESSIONBUS_PREFIX={common.topology.prefix}"
-                 if common.topology.prefix != "sessionbus" else ""))
+        for name in ("SESSIONBUS_BUS_KEY_FILE", "SESSIONBUS_RING_PUBLIC_KEY_FILE",
+                     "SESSIONBUS_ANY_ORIGIN_USERS"):
+            print(f"  export {name}={farm.env[name]}")
+        if common.topology.prefix != "sessionbus":
+            print(f"  export SESSIONBUS_PREFIX={common.topology.prefix}")
         free = max(settings.metrics_base + 30, settings.metrics_base + 2 + settings.nodes)
         print(f"  (their --metrics: a port the farm does not use, e.g. 127.0.0.1:{free})")
         print("\nwatch a session made on one node resume on another:")

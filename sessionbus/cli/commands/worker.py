@@ -55,8 +55,8 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError("nothing to run: give --consumer or drop --no-stats")
     if args.check:
         return run_check("worker", common, [], consumer_needs(common.topology, consumers))
+    start_metrics(common.metrics, metrics)  # listeners before anything else
     keys = common.keys()
-    start_metrics(common.metrics, metrics)
 
     async def serve(stop: asyncio.Event) -> int:
         conn = await connect_now(common, metrics)
