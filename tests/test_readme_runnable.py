@@ -26,11 +26,13 @@ import os
 import re
 import signal
 import subprocess
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tests.farm_support import REPO, free_port
+from tests.farm_support import REPO, client_context, free_port, handshake
 from tests.local_farm_support import LocalFarm, local_farm
 
 pytestmark = [pytest.mark.broker, pytest.mark.tls, pytest.mark.slow, pytest.mark.deadline(240)]
@@ -72,6 +74,18 @@ def children(pid: int) -> list[int]:
     return [int(c) for c in text.split()]
 
 
+def wait_warm(farm: LocalFarm, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    for i in range(1, farm.nodes + 1):
+        url = f"http://127.0.0.1:{farm.metrics_port(f'node-{i}')}/metrics"
+        while True:
+            with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=2) as r:
+                if re.search(rb"^sessionbus_replay_caught_up 1\.0$", r.read(), re.M):
+                    break
+            assert time.monotonic() < deadline, f"node-{i} not warm within {timeout:.0f} s"
+            time.sleep(0.2)
+
+
 def test_marked_blocks_are_found() -> None:
     blocks = runnable_blocks((REPO / "README.md").read_text())
     assert len(blocks) >= 2, "the README has lost its runnable blocks (or their markers)"
@@ -88,6 +102,8 @@ def test_readme_runnable_blocks_pass_against_a_local_farm(tmp_path: Path) -> Non
         (workdir / name).symlink_to(REPO / name)
     queues = ("consumer.resumptions-per-origin",)
     with local_farm(workdir, nodes=NODES, extra_queues=queues) as farm:
+        # A reader types the blocks once the farm is up and warm: every node's replica is.
+        wait_warm(farm)
         ports = port_map(blocks, farm)
         env = {k: v for k, v in os.environ.items() if not k.startswith("SESSIONBUS_")}
         env.update(PATH=f"{REPO / '.venv' / 'bin'}:{env.get('PATH', '')}",
@@ -117,8 +133,15 @@ def test_readme_runnable_blocks_pass_against_a_local_farm(tmp_path: Path) -> Non
                     p.wait(SETTLE)
                 assert p.poll() is None, (body, log.read_text())
                 print(f"block {i} is running:\n{log.read_text()}")
+            # Traffic through the farm while the background blocks run: what they receive must
+            # be accepted (a consumer that dead-letters everything "runs" too).
+            ctx = client_context("1.3")
+            first = handshake(farm.base, ctx)
+            handshake(farm.base + 1, ctx, first.session)
+            time.sleep(2.0)
             for body, p, log in running:
                 assert p.poll() is None, (body, log.read_text())
+                assert "dead-lettered" not in log.read_text(), (body, log.read_text())
                 # bash runs a block's last command in its own process (exec): then that is it
                 for pid in children(p.pid) or [p.pid]:
                     os.kill(pid, signal.SIGTERM)
