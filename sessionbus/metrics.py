@@ -172,6 +172,13 @@ class ReplicaMetrics:
             "sessionbus_replay_caught_up",
             "1 once the warm-join replay of the session stream reached live", registry=r,
         )
+        self.replay_offsets = Gauge(
+            "sessionbus_replay_offsets",
+            "Warm-join replay of the session stream: offsets replayed so far, and remaining to "
+            "the stream's end when the replay began", ["state"], registry=r,
+        )
+        for state in ("replayed", "remaining"):
+            self.replay_offsets.labels(state)
 
     def watch(self, replica: ReplicaView) -> None:
         """Export ``replica``'s size and counters (once per process: one replica per role)."""

@@ -9,8 +9,7 @@ from typing import Any
 
 from prometheus_client import REGISTRY
 
-from sessionbus.cli.config import ConfigError
-from sessionbus.metrics import Metrics, serve_metrics
+from sessionbus.metrics import Metrics
 from sessionbus.tasks import Supervisor
 
 log = logging.getLogger(__name__)
@@ -44,16 +43,6 @@ def role_metrics(role: str) -> Metrics:
     """The process's metrics: prometheus_client's global registry, which ``--metrics`` serves,
     with ``sessionbus_build_info`` naming the role."""
     return Metrics(REGISTRY, role=role)
-
-
-def start_metrics(addr: str | None, metrics: Metrics) -> None:
-    """Serve ``--metrics`` if given; a port that cannot be had is a setting error (exit 3)."""
-    if not addr:
-        return
-    try:
-        serve_metrics(addr, metrics.registry)
-    except OSError as exc:
-        raise ConfigError(f"--metrics: cannot listen on {addr}: {exc.strerror}") from None
 
 
 async def until_stopped(stop: asyncio.Event, supervisor: Supervisor) -> int:

@@ -9,10 +9,11 @@ import pwd
 from dataclasses import replace
 from typing import Any
 
-from sessionbus.cli.commands._common import role_metrics, start_metrics, subparser, until_stopped
+from sessionbus.cli.check import core_needs, free_address, run_check
+from sessionbus.cli.commands._common import role_metrics, subparser, until_stopped
 from sessionbus.cli.config import ConfigError, add_common, common_from_args, host_port
 from sessionbus.cli.config import node_id as node_id_type
-from sessionbus.cli.runtime import run
+from sessionbus.cli.runtime import run, start_metrics
 from sessionbus.servers.cache.access import (
     OPAQUE_SERVICE,
     AccessPolicy,
@@ -42,7 +43,7 @@ def register(sub: Any, exit_codes: str) -> None:
         "be the session's DER); other keys are stored and replicated as opaque values (written\n"
         "once, deleted farm-wide). Run one beside each server; see ops/httpd/.",
         "  sessionbus cache --node-id web-1 --memcache 127.0.0.1:11311\n"
-        "  sessionbus cache --node-id web-2 --redis 127.0.0.1:6380 --metrics 127.0.0.1:9402\n"
+        "  sessionbus cache --node-id web-2 --redis 127.0.0.1:6380 --metrics 127.0.0.1:9410\n"
         "  sessionbus cache --node-id web-3 --memcache 127.0.0.1:11311 --redis 127.0.0.1:6380 \\\n"
         "      --session-timeout 300",
         exit_codes,
@@ -124,16 +125,27 @@ def main(args: argparse.Namespace) -> int:
         ),
         defer_sets=not args.sync_sets,
     )
+    if args.check:
+        needs = None
+        if settings.replication:
+            needs = core_needs(common.topology)
+            needs.read_streams.append(common.topology.session_stream)
+        return run_check("cache", common, [
+            ("--memcache", free_address("--memcache", args.memcache)),
+            ("--redis", free_address("--redis", args.redis)),
+        ], needs)
+    metrics = role_metrics("cache")
+    start_metrics(common.metrics, metrics)  # listeners before anything else
     keys = common.keys()
 
     async def serve(stop: asyncio.Event) -> int:
-        metrics = role_metrics("cache")
         front = CacheFront(settings, common.broker, keys, common.topology, metrics=metrics)
         try:
             await front.start()
         except OSError as exc:
-            raise ConfigError(f"cannot listen: {exc.strerror or exc}") from None
-        start_metrics(common.metrics, metrics)
+            where = ", ".join(f"--{name} {a[0]}:{a[1]}" for name, a in
+                              (("memcache", args.memcache), ("redis", args.redis)) if a)
+            raise ConfigError(f"cannot listen on {where}: {exc.strerror or exc}") from None
         where = ", ".join(
             f"{name} on {front.address(name)[0]}:{front.address(name)[1]}"
             for name in front.protocols
