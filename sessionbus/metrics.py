@@ -172,6 +172,13 @@ class ReplicaMetrics:
             "sessionbus_replay_caught_up",
             "1 once the warm-join replay of the session stream reached live", registry=r,
         )
+        self.replay_offsets = Gauge(
+            "sessionbus_replay_offsets",
+            "Warm-join replay of the session stream: offsets replayed so far, and remaining to "
+            "the stream's end when the replay began", ["state"], registry=r,
+        )
+        for state in ("replayed", "remaining"):
+            self.replay_offsets.labels(state)
 
     def watch(self, replica: ReplicaView) -> None:
         """Export ``replica``'s size and counters (once per process: one replica per role)."""
@@ -348,6 +355,14 @@ class CacheMetrics:
             "Push subscribers dropped: not reading (they reconnect and replay) or a bad subscribe",
             registry=r,
         )
+        self.refused = Counter(
+            "sessionbus_cache_refused_total",
+            "Cache front connections and requests its access control refused, by reason",
+            ["reason"],  # remote, uid (connections); service (a set/get/delete of another context)
+            registry=r,
+        )
+        for reason in ("remote", "uid", "service"):
+            self.refused.labels(reason)
 
 
 class ConsumerMetrics:

@@ -6,13 +6,21 @@ import argparse
 import asyncio
 import ipaddress
 import logging
+import pwd
 from dataclasses import replace
 from typing import Any
 
-from sessionbus.cli.commands._common import role_metrics, start_metrics, subparser, until_stopped
+from sessionbus.cli.check import core_needs, free_address, run_check
+from sessionbus.cli.commands._common import role_metrics, subparser, until_stopped
 from sessionbus.cli.config import ConfigError, add_common, common_from_args, host_port
 from sessionbus.cli.config import node_id as node_id_type
-from sessionbus.cli.runtime import run
+from sessionbus.cli.runtime import run, start_metrics
+from sessionbus.servers.cache.access import (
+    OPAQUE_SERVICE,
+    AccessPolicy,
+    listens_on_loopback,
+    service_context,
+)
 from sessionbus.servers.cache.connection import FrontLimits
 from sessionbus.servers.cache.front import (
     CACHE_OUTBOX,
@@ -36,7 +44,7 @@ def register(sub: Any, exit_codes: str) -> None:
         "be the session's DER); other keys are stored and replicated as opaque values (written\n"
         "once, deleted farm-wide). Run one beside each server; see ops/httpd/.",
         "  sessionbus cache --node-id web-1 --memcache 127.0.0.1:11311\n"
-        "  sessionbus cache --node-id web-2 --redis 127.0.0.1:6380 --metrics 127.0.0.1:9402\n"
+        "  sessionbus cache --node-id web-2 --redis 127.0.0.1:6380 --metrics 127.0.0.1:9410\n"
         "  sessionbus cache --node-id web-3 --memcache 127.0.0.1:11311 --redis 127.0.0.1:6380 \\\n"
         "      --session-timeout 300",
         exit_codes,
@@ -66,6 +74,25 @@ def register(sub: Any, exit_codes: str) -> None:
     p.add_argument("--push", type=host_port, metavar="HOST:PORT",
                    help="push subscriptions (Traffic Server's sessionbus plugin): the "
                    "replica's sessions replayed on subscribe, then peers' NEW and REMOVE")
+    p.add_argument("--service", action="append", metavar="CONTEXT", default=[],
+                   help="store and serve only sessions of this session id context (repeatable): "
+                   "httpd's is the MD5 hex of its ServerName:port (printf "
+                   "'www.example.com:443' | md5sum), a sessionbus node's its service name; "
+                   f"{OPAQUE_SERVICE} for the opaque (non-TLS-session) keys. A set, get or "
+                   "delete of another context is refused and counted "
+                   "(sessionbus_cache_refused_total). Default: every context")
+    p.add_argument("--allow-uid", action="append", metavar="USER", default=[],
+                   help="serve only loopback clients whose socket belongs to this user (name "
+                   "or uid; repeatable), e.g. httpd's www-data: the owner is read from "
+                   "/proc/net/tcp as identd does. Default: any local user")
+    p.add_argument("--allow-remote", action="store_true",
+                   help="listen on and serve non-loopback addresses too (the protocols have "
+                   "no authentication: only behind a firewall that admits this host's web "
+                   "servers alone)")
+    p.add_argument("--sync-sets", action="store_true",
+                   help="validate and store a TLS session's set before answering it (a bad "
+                   "value gets an error reply) instead of answering STORED at once and "
+                   "counting and dropping a bad value after")
     p.add_argument("--no-replication", action="store_true",
                    help="a local store only: no broker, no peers (for comparison)")
     add_common(p)
@@ -94,23 +121,45 @@ def main(args: argparse.Namespace) -> int:
                           "loopback address (127.0.0.1:PORT), for the ATS plugin on this host")
     if not 0 <= args.linger <= 1:
         raise ConfigError("--linger must be 0..1 seconds")
+    for name, addr in (("--memcache", args.memcache), ("--redis", args.redis)):
+        if addr is not None and not args.allow_remote and not listens_on_loopback(addr[0]):
+            raise ConfigError(
+                f"{name} {addr[0]}:{addr[1]} is not a loopback address: the memcached and Redis "
+                "protocols have no authentication (give --allow-remote if that is meant)")
     settings = CacheSettings(
         node_id=args.node_id, memcache=args.memcache, redis=args.redis,
         session_timeout=args.session_timeout, replication=not args.no_replication,
         limits=FrontLimits(max_connections=args.max_connections,
                            idle_timeout=args.idle_timeout),
         outbox=replace(CACHE_OUTBOX, min_interval=args.linger), push=args.push,
+        access=AccessPolicy(
+            allow_remote=args.allow_remote,
+            uids=frozenset(_uid(u) for u in args.allow_uid) if args.allow_uid else None,
+            services=_services(args.service),
+        ),
+        defer_sets=not args.sync_sets,
     )
+    if args.check:
+        needs = None
+        if settings.replication:
+            needs = core_needs(common.topology)
+            needs.read_streams.append(common.topology.session_stream)
+        return run_check("cache", common, [
+            ("--memcache", free_address("--memcache", args.memcache)),
+            ("--redis", free_address("--redis", args.redis)),
+        ], needs)
+    metrics = role_metrics("cache")
+    start_metrics(common.metrics, metrics)  # listeners before anything else
     keys = common.keys()
 
     async def serve(stop: asyncio.Event) -> int:
-        metrics = role_metrics("cache")
         front = CacheFront(settings, common.broker, keys, common.topology, metrics=metrics)
         try:
             await front.start()
         except OSError as exc:
-            raise ConfigError(f"cannot listen: {exc.strerror or exc}") from None
-        start_metrics(common.metrics, metrics)
+            where = ", ".join(f"--{name} {a[0]}:{a[1]}" for name, a in
+                              (("memcache", args.memcache), ("redis", args.redis)) if a)
+            raise ConfigError(f"cannot listen on {where}: {exc.strerror or exc}") from None
         where = ", ".join(
             f"{name} on {front.address(name)[0]}:{front.address(name)[1]}"
             for name in front.protocols
@@ -121,3 +170,21 @@ def main(args: argparse.Namespace) -> int:
         return code
 
     return run(serve)
+
+
+def _uid(user: str) -> int:
+    if user.isdigit():
+        return int(user)
+    try:
+        return pwd.getpwnam(user).pw_uid
+    except KeyError:
+        raise ConfigError(f"--allow-uid {user}: no such user") from None
+
+
+def _services(names: list[str]) -> frozenset[bytes] | None:
+    if not names:
+        return None
+    try:
+        return frozenset(service_context(n) for n in names)
+    except ValueError as exc:
+        raise ConfigError(f"--service: {exc}") from None

@@ -10,15 +10,13 @@ import os
 import shlex
 import shutil
 import socket
-import sys
 from pathlib import Path
 from typing import Any
 
-from sessionbus.bus.connection import connect
-from sessionbus.bus.topology import declare_core
-from sessionbus.cli.commands._common import role_metrics, start_metrics, subparser, until_stopped
+from sessionbus.cli.check import Needs, run_check
+from sessionbus.cli.commands._common import role_metrics, subparser, until_stopped
 from sessionbus.cli.config import ConfigError, add_common, common_from_args, env
-from sessionbus.cli.runtime import run
+from sessionbus.cli.runtime import connect_now, run, start_metrics
 from sessionbus.servers.keyfile.atomic_files import UnsafeDirectoryError, check_private_dir
 from sessionbus.servers.keyfile.formats import (
     ATS_FILE,
@@ -195,13 +193,30 @@ def notify_ready() -> None:
         log.warning("cannot notify systemd: %s", exc.strerror or type(exc).__name__)
 
 
+NO_PUBLIC_KEY = ("no ring public key: pass --ring-public-key-file or set "
+                 "SESSIONBUS_RING_PUBLIC_KEY_FILE")
+
+
 def main(args: argparse.Namespace) -> int:
     common = common_from_args(args)
     settings = settings_from_args(args)
+    if args.check:
+        topo = common.topology
+
+        def ring_public_key() -> str:
+            if not common.keys().verifies_rings:
+                raise ConfigError(NO_PUBLIC_KEY)
+            return f"{common.ring_public_key_file} verifies rings"
+
+        return run_check("keyfile", common, [
+            ("--out", lambda: f"{settings.out} is a private directory"),
+            ("ring public key", ring_public_key),
+        ], Needs(queues=[topo.key_stream], read_streams=[topo.key_stream]))
+    metrics = role_metrics("keyfile")
+    start_metrics(common.metrics, metrics)  # listeners before anything else
     keys = common.keys()
     if not keys.verifies_rings:  # every ring would be refused
-        raise ConfigError("no ring public key: pass --ring-public-key-file or set "
-                          "SESSIONBUS_RING_PUBLIC_KEY_FILE")
+        raise ConfigError(NO_PUBLIC_KEY)
     files = _files(settings.fmt, settings.slots)
 
     notified = False
@@ -218,20 +233,11 @@ def main(args: argparse.Namespace) -> int:
         notify_once()
 
     async def serve(stop: asyncio.Event) -> int:
-        metrics = role_metrics("keyfile")
-        start_metrics(common.metrics, metrics)
         if all((settings.out / name).is_file() for name in files):
             # Files from a previous run: the server may start with them now (the ring, once
             # it arrives, replaces what changed); only a first run makes it wait for the ring.
             notify_once()
-        try:
-            conn = await connect(common.broker, on_state=metrics.bus.broker_state)
-        except ConnectionError as exc:
-            print(f"sessionbus keyfile: {exc}", file=sys.stderr)
-            return 4
-        channel = await conn.channel()
-        await declare_core(channel, common.topology)
-        await channel.close()
+        conn = await connect_now(common, metrics)
         runner = KeyfileRunner(conn, common.topology, keys, settings, on_ready=ready,
                                metrics=metrics)
         try:

@@ -35,6 +35,7 @@ from typing import Any
 
 from sessionbus.consumer.peer_cache import PeerCache
 from sessionbus.metrics import CacheMetrics
+from sessionbus.servers.cache.access import AccessPolicy
 
 __all__ = ["PushServer", "encode_new", "encode_remove", "frame"]
 
@@ -69,6 +70,12 @@ class _Subscriber(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
+        access = self.server.access
+        sock = transport.get_extra_info("socket")
+        reason = access.refusal(sock) if access is not None and sock is not None else None
+        if reason is not None:  # the cache front's own access control, for the push too
+            self.server.metrics.refused.labels(reason).inc()
+            transport.abort()
 
     def data_received(self, data: bytes) -> None:
         if self.sid_ctx is not None:
@@ -120,8 +127,10 @@ class PushServer:
     front's own calls alike) and streams what changed to the subscribers."""
 
     def __init__(self, cache: PeerCache, node_id: str, metrics: CacheMetrics, *,
-                 opaque_sid_ctx: bytes, max_buffer: int = 16 * 2**20) -> None:
+                 opaque_sid_ctx: bytes, max_buffer: int = 16 * 2**20,
+                 access: AccessPolicy | None = None) -> None:
         self.cache = cache
+        self.access = access
         self.metrics = metrics
         self.node_id = node_id
         self.opaque_sid_ctx = opaque_sid_ctx
