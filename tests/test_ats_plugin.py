@@ -346,10 +346,11 @@ def test_cache_front_or_broker_down_ats_keeps_its_rate_and_resumes_locally(
     finally:
         proxy.close()
     print("full handshakes/s on ats-a:", {k: round(v) for k, v in rates.items()})
-    # same run, same client: an unreachable peer costs ATS nothing measurable (noisy machine:
-    # a generous bound, well above what a blocked handshake would give)
-    assert rates["broker down"] >= 0.6 * rates["all up"], rates
-    assert rates["cache front down"] >= 0.6 * rates["all up"], rates
+    # same run, same client: an unreachable peer costs ATS nothing measurable. The machine is
+    # shared and one Python client is noisy (seen 0.7x-1.7x from phase to phase), so the bound
+    # is generous; a handshake that waited on the cache (5 s connect timeout) would give ~0.
+    assert rates["broker down"] >= 0.5 * rates["all up"], rates
+    assert rates["cache front down"] >= 0.5 * rates["all up"], rates
     assert "cannot reach the sessionbus cache" in a.ats.log_text() or \
         "lost the sessionbus cache" in a.ats.log_text()
 
