@@ -36,8 +36,9 @@ BENCHMARKS: dict[str, str] = {
     "node": "bench.bench_node",
     "peer_cache": "bench.bench_peer_cache",
     "httpd_cache": "bench.bench_httpd_cache",
+    "ats": "bench.bench_ats",
 }
-OPTIONAL = {"peer_cache", "httpd_cache"}
+OPTIONAL = {"peer_cache", "httpd_cache", "ats"}
 
 
 def _fmt(v: Any) -> str:

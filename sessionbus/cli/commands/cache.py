@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import logging
 import pwd
 from dataclasses import replace
@@ -70,6 +71,9 @@ def register(sub: Any, exit_codes: str) -> None:
                    "spell they go at once; longer costs less CPU per session, shorter "
                    "replicates sooner (default %(default)s; lookups, statistics only, wait up "
                    "to 0.25 s)")
+    p.add_argument("--push", type=host_port, metavar="HOST:PORT",
+                   help="push subscriptions (Traffic Server's sessionbus plugin): the "
+                   "replica's sessions replayed on subscribe, then peers' NEW and REMOVE")
     p.add_argument("--service", action="append", metavar="CONTEXT", default=[],
                    help="store and serve only sessions of this session id context (repeatable): "
                    "httpd's is the MD5 hex of its ServerName:port (printf "
@@ -95,6 +99,13 @@ def register(sub: Any, exit_codes: str) -> None:
     p.set_defaults(func=main)
 
 
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 def main(args: argparse.Namespace) -> int:
     common = common_from_args(args)
     if args.memcache is None and args.redis is None:
@@ -105,6 +116,9 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError("--max-connections must be at least 1")
     if args.idle_timeout <= 0:
         raise ConfigError("--idle-timeout must be positive")
+    if args.push is not None and not _loopback(args.push[0]):
+        raise ConfigError("--push serves the replica's sessions to whoever connects: give a "
+                          "loopback address (127.0.0.1:PORT), for the ATS plugin on this host")
     if not 0 <= args.linger <= 1:
         raise ConfigError("--linger must be 0..1 seconds")
     for name, addr in (("--memcache", args.memcache), ("--redis", args.redis)):
@@ -117,7 +131,7 @@ def main(args: argparse.Namespace) -> int:
         session_timeout=args.session_timeout, replication=not args.no_replication,
         limits=FrontLimits(max_connections=args.max_connections,
                            idle_timeout=args.idle_timeout),
-        outbox=replace(CACHE_OUTBOX, min_interval=args.linger),
+        outbox=replace(CACHE_OUTBOX, min_interval=args.linger), push=args.push,
         access=AccessPolicy(
             allow_remote=args.allow_remote,
             uids=frozenset(_uid(u) for u in args.allow_uid) if args.allow_uid else None,
