@@ -36,9 +36,10 @@ BENCHMARKS: dict[str, str] = {
     "node": "bench.bench_node",
     "peer_cache": "bench.bench_peer_cache",
     "httpd_cache": "bench.bench_httpd_cache",
+    "ats": "bench.bench_ats",
     "fanout": "bench.bench_fanout",
 }
-OPTIONAL = {"peer_cache", "httpd_cache"}
+OPTIONAL = {"peer_cache", "httpd_cache", "ats"}
 
 
 def _fmt(v: Any) -> str:

@@ -31,6 +31,7 @@ from aio_pika.abc import AbstractRobustConnection
 
 from sessionbus.bus.topology import Topology, session_routing_key
 from sessionbus.consumer.peer_cache import PeerCache
+from sessionbus.consumer.replay_progress import ReplayProgress, stream_end
 from sessionbus.consumer.subscription import Inbound, StreamSource, Subscription, WithEnvelope
 from sessionbus.metrics import OUTCOMES, Metrics
 from sessionbus.schemas.codec import (
@@ -154,6 +155,7 @@ class Replicator:
         await self._stream.start()
         if self.settings.replay:
             self._tasks.append(self._supervisor.spawn(self._watch_replay(), "replicator"))
+            self._tasks.append(self._supervisor.spawn(self._progress(), "replicator"))
         else:
             self._set_caught_up()
         self._tasks.append(self._supervisor.spawn(self._housekeeping(), "replicator"))
@@ -166,6 +168,16 @@ class Replicator:
                 await t
         if self._stream is not None:
             await self._stream.stop(timeout)
+
+    async def _progress(self) -> None:
+        """Warm-join progress (gauge, a log line every few seconds while it lasts): reads the
+        replay's last offset only, so it stays out of the apply path."""
+        replay = self._stream
+        assert replay is not None
+        progress = ReplayProgress(f"replica {self.settings.node_id}",
+                                  lambda: replay.last_offset, self.caught_up,
+                                  self._replica_m.replay_offsets)
+        await progress.run(stream_end(self._conn, self._topo.session_stream))
 
     def _set_caught_up(self) -> None:
         if not self.caught_up.is_set():

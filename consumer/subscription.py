@@ -5,7 +5,7 @@ handler sees the events of one session in the order they were published.  A mess
 only after its handler returned, so a process that dies never loses an acked message.
 
 Messages that fail validation are counted by reason and acked; a copy (with the reason in a header)
-goes to the dead-letter exchange *best effort* (``dead_letters.DeadLetters``: bounded, on a
+goes to the dead-letter exchange *best effort* (``dead_lettering.DeadLetterer``: bounded, on a
 channel of its own, never awaited before the ack).  Streams forbid reject/nack (RabbitMQ closes
 the connection), so this one path serves queues and streams alike, and the copy carries a reason
 that native dead-lettering could not.
@@ -40,7 +40,7 @@ from aio_pika.abc import (
 
 from sessionbus.bus.connection import BROKER_ERRORS
 from sessionbus.bus.topology import Topology
-from sessionbus.consumer.dead_letters import DeadLetters
+from sessionbus.consumer.dead_lettering import DeadLetterer
 from sessionbus.metrics import Metrics
 from sessionbus.schemas.codec import H_REASON, DecodedBatch, delivery_headers
 from sessionbus.schemas.errors import EnvelopeError
@@ -118,7 +118,7 @@ class Subscription(Generic[T]):
         )
         self._handler = handler
         self._prefetch = prefetch
-        self._dead = DeadLetters(connection, topology, self._m, self._supervisor)
+        self._dead = DeadLetterer(connection, topology, self._m, self._supervisor)
         self._resubscribing: asyncio.Task[None] | None = None
         self._channel: AbstractRobustChannel | None = None
         self._queue: AbstractQueue | None = None
@@ -333,6 +333,8 @@ class Subscription(Generic[T]):
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         )
         self._dead.offer(copy, reason)
+        log.warning("subscription %s: message dead-lettered (reason %s)", self._source.name,
+                    reason)
 
     async def dead_letters_flushed(self, timeout: float) -> bool:
         """Wait until the dead-letter copies offered so far were sent or dropped (tests)."""

@@ -7,6 +7,7 @@ from types import ModuleType
 from sessionbus.cli.commands import (
     bus_key,
     cache,
+    dead,
     events,
     keyfile,
     keys,
@@ -18,5 +19,5 @@ from sessionbus.cli.commands import (
 )
 
 COMMANDS: list[ModuleType] = [
-    up, setup, node, cache, keys, keyfile, worker, events, revoke, bus_key,
+    up, setup, node, cache, keys, keyfile, worker, events, dead, revoke, bus_key,
 ]
