@@ -32,7 +32,8 @@ def make_app(node_id: str) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
         if scope["type"] != "http":
             return  # lifespan: nothing to set up (the farm runs around the server below)
         await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", b"text/plain")]})
+                    "headers": [(b"content-type", b"text/plain"),
+                                ((b"content-length", str(len(body)).encode()))]})
         await send({"type": "http.response.body", "body": body})
 
     return app

@@ -179,3 +179,18 @@ async def test_attached_streams_server_resumes_from_the_replica(
                if line.startswith('sessionbus_handshakes_total{kind="resumed"}')]
     assert resumed and float(resumed[0].split()[-1]) >= 2
     assert "sessionbus_replica_sessions" in text
+
+
+def test_sessionbus_loop_switch(monkeypatch: pytest.MonkeyPatch) -> None:
+    import uvloop
+
+    from sessionbus.cli.config import ConfigError
+    from sessionbus.cli.runtime import loop_factory
+
+    monkeypatch.setenv("SESSIONBUS_LOOP", "uvloop")
+    assert loop_factory() is uvloop.new_event_loop
+    monkeypatch.setenv("SESSIONBUS_LOOP", "asyncio")
+    assert loop_factory() is None
+    monkeypatch.setenv("SESSIONBUS_LOOP", "trio")
+    with pytest.raises(ConfigError, match="asyncio or uvloop"):
+        loop_factory()
