@@ -12,6 +12,7 @@ time argument, always ``0``), ``version`` and ``quit``.  Served here:
 * ``get <key> [<key> ...]``: ``VALUE <key> <flags> <bytes>`` + value for each hit, then ``END``.
 * ``delete <key> [0] [noreply]``: ``DELETED`` or ``NOT_FOUND``.
 * ``version``: ``VERSION ...``; ``quit``: close.
+* ``gets <key> ...`` (what h2o sends): as ``get``, each ``VALUE`` line with a cas unique.
 * other storage commands (``add``, ``replace``, ``append``, ``prepend``, ``cas``): their value is
   read and discarded, then ``ERROR``; any other well-formed command word: ``ERROR``.
 
@@ -156,6 +157,8 @@ class MemcacheConnection(CacheConnection):
         cmd = parts[0]
         if cmd == b"get":
             self._get(parts)
+        elif cmd == b"gets":
+            self._get(parts, cas=True)
         elif cmd == b"set":
             self._parse_set(parts)
         elif cmd == b"delete":
@@ -180,10 +183,10 @@ class MemcacheConnection(CacheConnection):
         else:
             self.fail(BAD_FORMAT)
 
-    def _get(self, parts: list[bytes]) -> None:
+    def _get(self, parts: list[bytes], cas: bool = False) -> None:
         t0 = _perf_counter()
         n = len(parts) - 1
-        if n == 1:  # what httpd sends: one key, answered in one piece
+        if n == 1 and not cas:  # what httpd sends: one key, answered in one piece
             key = parts[1]
             if len(key) > MAX_KEY:
                 self.fail(BAD_FORMAT, "get")
@@ -213,7 +216,10 @@ class MemcacheConnection(CacheConnection):
                 self.count("get", "miss")
                 continue
             flags, value = found
-            out.append(b"VALUE %b %d %d\r\n%b\r\n" % (key, flags, len(value), value))
+            if cas:  # h2o (yrmcds' text mode) asks ``gets``; a value is written once: one cas
+                out.append(b"VALUE %b %d %d 1\r\n%b\r\n" % (key, flags, len(value), value))
+            else:
+                out.append(b"VALUE %b %d %d\r\n%b\r\n" % (key, flags, len(value), value))
             self.count("get", "hit")
         out.append(b"END\r\n")
         self.observe(_perf_counter() - t0)

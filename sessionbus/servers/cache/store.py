@@ -12,6 +12,9 @@ Keys:
   the earliest of the client's expiry time, the DER's own time + timeout, and the cache's session
   lifetime. Such sessions are interchangeable with those a ``sessionbus node`` makes (OpenSSL on
   the resuming server still compares the session id context).
+* ``h2o:ssl-session-cache:<base64url id>`` (h2o's ``cache-store: memcached`` with its default
+  ``cache-memcached-prefix``) is the same TLS session id, and its value the base64url DER (h2o
+  encodes both, without padding): stored and replicated as the DER, answered re-encoded.
 * Any other key is an *opaque* session stored under its own name (at most 250 bytes, like
   memcached): the value is kept with the client's 32-bit flags in front
   (``flags:u32 big-endian | data``), replicated with the ``opaque`` flag and the reserved session id
@@ -26,6 +29,7 @@ general-purpose cache that overwrites keys does not.
 
 from __future__ import annotations
 
+import base64
 import binascii
 import time
 from collections.abc import Callable
@@ -36,15 +40,17 @@ from sessionbus.producer.outbox import Outbox
 from sessionbus.schemas.events import MAX_SESSION_ID, RemoveReason
 from sessionbus.schemas.session_der import DerError, parse_session
 
-__all__ = ["MOD_SSL_PREFIX", "OPAQUE_SID_CTX", "SetResult", "Store", "session_key"]
+__all__ = ["H2O_PREFIX", "MOD_SSL_PREFIX", "OPAQUE_SID_CTX", "SetResult", "Store", "session_key"]
 
 MOD_SSL_PREFIX = b"mod_ssl-sess:"
+H2O_PREFIX = b"h2o:ssl-session-cache:"  # h2o 2.2's lib/core/util.c + lib/common/memcached.c
 # Session id context of opaque entries: no TLS server uses it (httpd's is 32 hex digits,
 # a sessionbus node's is its service name), and it fits SSL_MAX_SID_CTX_LENGTH.
 OPAQUE_SID_CTX = b"\x00sessionbus-opaque"
 MAX_KEY = min(250, MAX_SESSION_ID)  # memcached's own key limit
 _FLAGS_SIZE = 4
 _PREFIX_LEN = len(MOD_SSL_PREFIX)
+_H2O_PREFIX_LEN = len(H2O_PREFIX)
 _MAX_TLS_ID = 32  # SSL_MAX_SSL_SESSION_ID_LENGTH
 
 
@@ -66,7 +72,21 @@ def session_key(key: bytes) -> tuple[bytes, bool]:
                 return binascii.unhexlify(h), False
             except binascii.Error:
                 pass
+    elif key.startswith(H2O_PREFIX):
+        sid = _b64url(key[_H2O_PREFIX_LEN:])
+        if sid is not None and 1 <= len(sid) <= _MAX_TLS_ID:
+            return sid, False
     return key, True
+
+
+def _b64url(text: bytes) -> bytes | None:
+    """h2o's base64url without padding, strictly (None if not that)."""
+    if b"+" in text or b"/" in text:  # altchars alone would still accept these
+        return None
+    try:
+        return base64.b64decode(text + b"=" * (-len(text) % 4), altchars=b"-_", validate=True)
+    except binascii.Error:
+        return None
 
 
 class Store:
@@ -109,6 +129,11 @@ class Store:
             if held is not None and held.der != record and exp > now:
                 return SetResult.NOT_STORED
         else:
+            if key.startswith(H2O_PREFIX):
+                der = _b64url(value)
+                if der is None:
+                    return SetResult.INVALID
+                value = der
             if len(value) > self.max_value:
                 return SetResult.TOO_LARGE
             if flags:
@@ -148,6 +173,8 @@ class Store:
         if opaque:
             der = found.der
             return int.from_bytes(der[:_FLAGS_SIZE], "big"), der[_FLAGS_SIZE:]
+        if key.startswith(H2O_PREFIX):
+            return 0, base64.urlsafe_b64encode(found.der).rstrip(b"=")
         return 0, found.der
 
     def delete(self, key: bytes) -> bool:
