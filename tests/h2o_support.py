@@ -28,6 +28,7 @@ class H2o:
     memcached_port: int
     port: int = field(default_factory=free_port)
     lifetime: int = 600  # ssl-session-resumption's lifetime: also the memcached expiry
+    tickets: bool = False  # mode: ticket, ticket-store: memcached (the farm's ring, read-only)
     popen: subprocess.Popen[bytes] | None = None
 
     @property
@@ -55,8 +56,9 @@ class H2o:
             f"    key-file: {self.key}",
             "    ocsp-update-interval: 0",  # a self-signed test certificate has no OCSP URI
             "ssl-session-resumption:",
-            "  mode: cache",  # session ids (TLS 1.2) and stateful TLS 1.3 tickets
-            "  cache-store: memcached",
+            *(["  mode: ticket", "  ticket-store: memcached"] if self.tickets else
+              # session ids (TLS 1.2) and stateful TLS 1.3 tickets
+              ["  mode: cache", "  cache-store: memcached"]),
             f"  lifetime: {self.lifetime}",
             "  memcached:",
             "    host: 127.0.0.1",

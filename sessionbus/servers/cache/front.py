@@ -19,10 +19,13 @@ import logging
 import time
 from dataclasses import dataclass
 
-from sessionbus.bus.connection import BrokerSettings
+from aio_pika.abc import AbstractRobustConnection
+
+from sessionbus.bus.connection import BrokerSettings, retry
 from sessionbus.bus.topology import Topology
 from sessionbus.consumer import metrics as cmetrics
 from sessionbus.consumer.local_sessions import BusMember
+from sessionbus.keys.follower import KeyFollower
 from sessionbus.producer.outbox import OutboxSettings
 from sessionbus.schemas.sealing import BusKeys
 from sessionbus.servers.cache.connection import (
@@ -32,6 +35,7 @@ from sessionbus.servers.cache.connection import (
     Listener,
     precreate,
 )
+from sessionbus.servers.cache.h2o_tickets import H2oTicketRing
 from sessionbus.servers.cache.memcache import MemcacheConnection
 from sessionbus.servers.cache.redis import RedisConnection
 from sessionbus.servers.cache.store import Store
@@ -62,6 +66,7 @@ class CacheSettings:
     outbox: OutboxSettings = CACHE_OUTBOX
     max_replica_entries: int = 1_000_000
     max_replica_bytes: int = 512 * 2**20
+    h2o_tickets: bool = False  # follow the key ring and serve it to h2o (h2o_tickets.py)
 
 
 class CacheFront:
@@ -91,6 +96,9 @@ class CacheFront:
             session_lifetime=float(settings.session_timeout),
             max_value=settings.limits.max_value,
         )
+        self.key_follower: KeyFollower | None = None
+        if settings.h2o_tickets:
+            self.store.h2o_tickets = H2oTicketRing()
         self.connections = Connections(settings.limits)
         self._servers: dict[str, Listener] = {}
         self._tasks: list[asyncio.Task[None]] = []
@@ -106,8 +114,8 @@ class CacheFront:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         store, conns = self.store, self.connections
-        if self.settings.replication:
-            await self.bus.connect()
+        if self.settings.replication or self.settings.h2o_tickets:
+            await self.bus.connect(self._follow_keys if self.settings.h2o_tickets else None)
         listeners: list[tuple[str, tuple[str, int] | None, type[CacheConnection]]] = [
             ("memcache", self.settings.memcache, MemcacheConnection),
             ("redis", self.settings.redis, RedisConnection),
@@ -128,6 +136,12 @@ class CacheFront:
             raise
         self._tasks.append(loop.create_task(self._housekeeping()))
 
+    async def _follow_keys(self, conn: AbstractRobustConnection) -> None:
+        ring = self.store.h2o_tickets
+        assert ring is not None
+        self.key_follower = KeyFollower(conn, self._topo, self._keys, on_ring=ring.update)
+        await retry(self.key_follower.start, "following the key stream")
+
     async def wait_bus_ready(self, timeout: float) -> bool:
         return await self.bus.wait_ready(timeout)
 
@@ -147,6 +161,8 @@ class CacheFront:
             server.close()
         self.connections.close_all()
         await self.bus.flush_and_stop_replica(drain_timeout)
+        if self.key_follower is not None:
+            await self.key_follower.stop()
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:

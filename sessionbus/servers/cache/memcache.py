@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 from sessionbus.producer import metrics
 from sessionbus.servers.cache.connection import CacheConnection, Connections
+from sessionbus.servers.cache.h2o_tickets import H2O_TICKET_KEY
 from sessionbus.servers.cache.store import MAX_KEY, SetResult, Store
 
 __all__ = ["MemcacheConnection"]
@@ -174,6 +175,9 @@ class MemcacheConnection(CacheConnection):
             if size is None:
                 self.fail(BAD_FORMAT)
                 return
+            if parts[1] == H2O_TICKET_KEY:
+                self._refuse_ticket_write(cmd)
+                return
             self.count("unknown", "error")
             self.out.append(b"ERROR\r\n")
             self._swallow = size + 2
@@ -231,6 +235,9 @@ class MemcacheConnection(CacheConnection):
             self.fail(BAD_FORMAT, "set")
             return
         key = parts[1]
+        if key == H2O_TICKET_KEY:
+            self._refuse_ticket_write(b"set")
+            return
         flags, exptime, size = _uint(parts[2]), _int(parts[3]), _uint(parts[4])
         if (
             flags is None or flags > _MAX_FLAGS or exptime is None or size is None
@@ -245,6 +252,11 @@ class MemcacheConnection(CacheConnection):
             self._swallow = size + 2
             return
         self._pending = _PendingSet(key, flags, exptime, size, noreply)
+
+    def _refuse_ticket_write(self, cmd: bytes) -> None:
+        # h2o retries a refused write of its ticket ring at once, forever; a closed connection
+        # makes it wait 60 s (src/ssl.c), keeping what it holds. The ring is the farm's.
+        self.fail(b"SERVER_ERROR the ticket-key ring is read-only\r\n", cmd.decode())
 
     def _set(self, p: _PendingSet, value: bytes) -> None:
         t0 = _perf_counter()

@@ -15,6 +15,8 @@ Keys:
 * ``h2o:ssl-session-cache:<base64url id>`` (h2o's ``cache-store: memcached`` with its default
   ``cache-memcached-prefix``) is the same TLS session id, and its value the base64url DER (h2o
   encodes both, without padding): stored and replicated as the DER, answered re-encoded.
+* ``h2o:ssl-session-key`` (h2o's ``ticket-store: memcached``) is the farm's ticket-key ring in
+  h2o's format, read-only, when the front follows the key stream (``h2o_tickets``); never stored.
 * Any other key is an *opaque* session stored under its own name (at most 250 bytes, like
   memcached): the value is kept with the client's 32-bit flags in front
   (``flags:u32 big-endian | data``), replicated with the ``opaque`` flag and the reserved session id
@@ -39,6 +41,7 @@ from sessionbus.consumer.peer_cache import PeerCache
 from sessionbus.producer.outbox import Outbox
 from sessionbus.schemas.events import MAX_SESSION_ID, RemoveReason
 from sessionbus.schemas.session_der import DerError, parse_session
+from sessionbus.servers.cache.h2o_tickets import H2O_TICKET_KEY, H2oTicketRing
 
 __all__ = ["H2O_PREFIX", "MOD_SSL_PREFIX", "OPAQUE_SID_CTX", "SetResult", "Store", "session_key"]
 
@@ -109,6 +112,7 @@ class Store:
         # The largest record a NEW may carry (sessionbus.schemas.codec.Limits.max_event_bytes).
         self.max_value = max_value
         self._clock = clock
+        self.h2o_tickets: H2oTicketRing | None = None  # set: serve the ring to h2o
 
     def set(self, key: bytes, flags: int, value: bytes, expires: float | None) -> SetResult:
         """Store ``value`` under ``key`` until ``expires`` (unix seconds; None: the lifetime).
@@ -116,6 +120,8 @@ class Store:
         An expiry already past stores nothing (and drops a copy held here) but is "stored", as
         memcached answers for a negative exptime.
         """
+        if key == H2O_TICKET_KEY:
+            return SetResult.NOT_STORED  # h2o's own ticket keys never enter the farm
         sid, opaque = session_key(key)
         now = self._clock()
         limit = now + self.session_lifetime
@@ -161,6 +167,9 @@ class Store:
 
     def get(self, key: bytes) -> tuple[int, bytes] | None:
         """(flags, value), or None. Never an expired, revoked or deleted session."""
+        if key == H2O_TICKET_KEY:
+            ring = None if self.h2o_tickets is None else self.h2o_tickets.value(self._clock())
+            return None if ring is None else (0, ring)
         sid, opaque = session_key(key)
         found = self.cache.get(sid)
         outbox = self.outbox
