@@ -194,3 +194,16 @@ def test_sessionbus_loop_switch(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SESSIONBUS_LOOP", "trio")
     with pytest.raises(ConfigError, match="asyncio or uvloop"):
         loop_factory()
+
+
+async def test_lifespan_and_cleanup_ctx_run_the_farm_around_the_app() -> None:
+    farm = lone_farm()
+    async with farm.lifespan(object()):  # Starlette/FastAPI
+        assert farm._started
+    assert not farm._started
+    gen = farm.cleanup_ctx(object())  # aiohttp: up to the yield at start-up, the rest at cleanup
+    await gen.__anext__()
+    assert farm._started
+    with pytest.raises(StopAsyncIteration):
+        await gen.__anext__()
+    assert not farm._started
