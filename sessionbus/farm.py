@@ -139,7 +139,9 @@ class Farm:
         """A farm member configured as the ``sessionbus`` commands are: ``SESSIONBUS_AMQP_URL``,
         ``SESSIONBUS_BUS_KEY_FILE`` (required), ``SESSIONBUS_PREFIX``, ``SESSIONBUS_AMQP_CA`` /
         ``_CERT`` / ``_KEY``, and ``SESSIONBUS_NODE_ID``, ``SESSIONBUS_SERVICE``,
-        ``SESSIONBUS_TICKETS``, ``SESSIONBUS_SESSION_TIMEOUT`` when not given as arguments.
+        ``SESSIONBUS_TICKETS``, ``SESSIONBUS_SESSION_TIMEOUT`` when not given as arguments, and
+        ``SESSIONBUS_LINGER`` (``sessionbus node --linger``: at most one NEW/REMOVE message per
+        this many seconds; 0, the default, sends each at once).
         Raises ``FarmError`` (one line, never a secret) for a missing or unusable setting."""
         env = os.environ if environ is None else environ
         node_id = node_id or env.get("SESSIONBUS_NODE_ID")
@@ -167,9 +169,16 @@ class Farm:
             raise FarmError(
                 f"tickets must be one of {', '.join(m.value for m in TicketMode)}"
             ) from None
+        try:
+            linger = float(env.get("SESSIONBUS_LINGER", "0"))
+        except ValueError:
+            linger = -1.0
+        if not 0 <= linger <= 1:
+            raise FarmError("SESSIONBUS_LINGER must be 0..1 seconds")
         settings = FarmSettings(
             node_id=node_id, service=service or env.get("SESSIONBUS_SERVICE", "sessionbus"),
             session_timeout=session_timeout, tickets=ticket_mode,
+            outbox=OutboxSettings(min_interval=linger),
         )
         broker = BrokerSettings(
             url=url, ca_file=env.get("SESSIONBUS_AMQP_CA"),

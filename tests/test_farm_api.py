@@ -118,9 +118,12 @@ def test_from_env_reads_what_the_commands_read(tmp_path: Path) -> None:
     farm = Farm.from_env(environ=env)
     assert (farm.node_id, farm.settings.tickets, farm.settings.sid_ctx,
             farm.settings.session_timeout) == ("web-1", TicketMode.STATELESS, b"shop", 600)
+    assert Farm.from_env(environ={**env, "SESSIONBUS_LINGER": "0.05"}).settings.outbox \
+        .min_interval == 0.05
     for bad in ({"SESSIONBUS_TICKETS": "maybe"}, {"SESSIONBUS_AMQP_URL": "http://x"},
                 {"SESSIONBUS_SESSION_TIMEOUT": "soon"}, {"SESSIONBUS_NODE_ID": "Web_1"},
-                {"SESSIONBUS_SERVICE": "s" * 33}):
+                {"SESSIONBUS_SERVICE": "s" * 33}, {"SESSIONBUS_LINGER": "2"},
+                {"SESSIONBUS_LINGER": "soon"}):
         with pytest.raises(sessionbus.FarmError) as caught:
             Farm.from_env(environ={**env, **bad})
         assert "\n" not in str(caught.value)
