@@ -17,12 +17,14 @@ from dataclasses import dataclass
 
 from sessionbus.bus.connection import BrokerSettings
 from sessionbus.bus.topology import Topology
-from sessionbus.consumer.local_sessions import BusMember
+from sessionbus.consumer.local_sessions import LocalSessions
 from sessionbus.farm import Farm, FarmSettings, TicketMode
 from sessionbus.keys.follower import KeyFollower
+from sessionbus.metrics import Metrics
 from sessionbus.producer import openssl
 from sessionbus.producer.outbox import OutboxSettings
 from sessionbus.schemas.sealing import BusKeys
+from sessionbus.tasks import Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -77,13 +79,17 @@ class Node:
         broker: BrokerSettings,
         keys: BusKeys,
         topology: Topology,
+        *,
+        metrics: Metrics | None = None,
+        supervisor: Supervisor | None = None,
     ) -> None:
         if len(settings.sid_ctx) > openssl.MAX_SID_CTX:
             raise ValueError(f"service name longer than {openssl.MAX_SID_CTX} bytes")
         self.settings = settings
         self.farm = Farm(settings.farm(), bus_keys=keys, broker=broker, topology=topology,
-                         role="node")
-        self.bus: BusMember = self.farm.bus
+                         metrics=metrics or Metrics(), supervisor=supervisor, role="node")
+        self.metrics, self.supervisor = self.farm.metrics, self.farm.supervisor
+        self.bus: LocalSessions = self.farm.bus
         self.cache, self.outbox = self.farm.replica, self.farm.outbox
         self.hooks, self.ticket_keys = self.farm.hooks, self.farm.ticket_keys
         self.context = self.farm.attach(make_context(settings))
@@ -138,7 +144,7 @@ class Node:
         finally:
             self._conns.discard(task)
             writer.close()
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(OSError, TimeoutError):  # the peer is gone: nothing to do
                 await asyncio.wait_for(writer.wait_closed(), 2)
 
     async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -166,7 +172,7 @@ class Node:
                     dst.write(data)
                     await dst.drain()
             finally:
-                with contextlib.suppress(Exception):
+                with contextlib.suppress(OSError, RuntimeError):  # RuntimeError: transport closed
                     if dst.can_write_eof():
                         dst.write_eof()
 

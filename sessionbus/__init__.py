@@ -1,23 +1,88 @@
-"""sessionbus: share TLS sessions and session-ticket keys across a farm of TLS servers.
+"""sessionbus: TLS sessions and session-ticket keys shared across a farm over RabbitMQ.
 
-``sessionbus.Farm`` (``sessionbus.farm``) is the library API; it is imported on first use, so
-``import sessionbus`` (and ``sessionbus.producer.openssl`` alone, which needs only cffi) stays
-light.
+The public API (everything else is private by convention, and may change):
+
+- writing a custom consumer: ``Consumer``, ``EventType``, ``SessionEvent``, ``Source``
+  (also importable from ``sessionbus.consumer.api``);
+- a Python TLS server joining the farm: ``Farm`` (``farm.attach(ssl_context)``; see
+  docs/servers/python.md), ``FarmSettings``, ``TicketMode``, ``AttachError``, ``FarmError``;
+- embedding sessionbus in a program: ``Node``/``NodeSettings``/``TicketMode`` (a TLS node),
+  ``CacheFront``/``CacheSettings`` (a memcached/Redis session store), ``KeyPublisher``,
+  ``Worker``, ``BrokerSettings``, ``Topology``, ``load_bus_keys``, ``Metrics`` (the families a
+  component exports, on a registry you pass) and ``Supervisor`` (its background tasks).
+
+Names are imported when first used, so ``import sessionbus`` stays light.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # pragma: no cover - for type checkers and editors only
+    from sessionbus.bus.connection import BrokerSettings
+    from sessionbus.bus.topology import Topology
+    from sessionbus.consumer.api import Consumer, EventType, SessionEvent, Source
+    from sessionbus.consumer.worker import Worker
     from sessionbus.farm import AttachError, Farm, FarmError, FarmSettings, TicketMode
+    from sessionbus.keys.publisher import KeyPublisher
+    from sessionbus.metrics import Metrics
+    from sessionbus.producer.node import Node, NodeSettings
+    from sessionbus.schemas.sealing import load_bus_keys
+    from sessionbus.servers.cache.front import CacheFront, CacheSettings
+    from sessionbus.tasks import Supervisor
 
-__all__ = ["AttachError", "Farm", "FarmError", "FarmSettings", "TicketMode"]
+_WHERE = {
+    "AttachError": "sessionbus.farm",
+    "BrokerSettings": "sessionbus.bus.connection",
+    "CacheFront": "sessionbus.servers.cache.front",
+    "CacheSettings": "sessionbus.servers.cache.front",
+    "Consumer": "sessionbus.consumer.api",
+    "EventType": "sessionbus.consumer.api",
+    "Farm": "sessionbus.farm",
+    "FarmError": "sessionbus.farm",
+    "FarmSettings": "sessionbus.farm",
+    "KeyPublisher": "sessionbus.keys.publisher",
+    "Metrics": "sessionbus.metrics",
+    "Node": "sessionbus.producer.node",
+    "NodeSettings": "sessionbus.producer.node",
+    "SessionEvent": "sessionbus.consumer.api",
+    "Source": "sessionbus.consumer.api",
+    "Supervisor": "sessionbus.tasks",
+    "TicketMode": "sessionbus.farm",
+    "Topology": "sessionbus.bus.topology",
+    "Worker": "sessionbus.consumer.worker",
+    "load_bus_keys": "sessionbus.schemas.sealing",
+}
+
+__all__ = [
+    "AttachError",
+    "BrokerSettings",
+    "CacheFront",
+    "CacheSettings",
+    "Consumer",
+    "EventType",
+    "Farm",
+    "FarmError",
+    "FarmSettings",
+    "KeyPublisher",
+    "Metrics",
+    "Node",
+    "NodeSettings",
+    "SessionEvent",
+    "Source",
+    "Supervisor",
+    "TicketMode",
+    "Topology",
+    "Worker",
+    "load_bus_keys",
+]
 
 
 def __getattr__(name: str) -> Any:
-    if name in __all__:
-        from sessionbus import farm
-
-        return getattr(farm, name)
-    raise AttributeError(f"module 'sessionbus' has no attribute {name!r}")
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'sessionbus' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

@@ -19,31 +19,31 @@ Handshakes must run on the thread of the loop that runs the farm (every asyncio 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
 import ssl
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
 
 from aio_pika.abc import AbstractRobustConnection
 from prometheus_client import REGISTRY, CollectorRegistry
-from prometheus_client.registry import Collector
 
 from sessionbus.bus.connection import DEFAULT_URL, BrokerSettings, retry
 from sessionbus.bus.topology import Topology
-from sessionbus.consumer import metrics as cmetrics
-from sessionbus.consumer.local_sessions import BusMember
+from sessionbus.consumer.local_sessions import LocalSessions
 from sessionbus.consumer.peer_cache import PeerCache
 from sessionbus.keys.follower import KeyFollower
-from sessionbus.producer import metrics, openssl
+from sessionbus.metrics import Metrics
+from sessionbus.producer import openssl
 from sessionbus.producer.outbox import Outbox, OutboxSettings
 from sessionbus.producer.session_hooks import SessionHooks
 from sessionbus.producer.ticket_hooks import RingTicketKeys
 from sessionbus.schemas.events import valid_node_id
 from sessionbus.schemas.sealing import BusKeyError, BusKeys, load_bus_keys
+from sessionbus.tasks import Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -103,27 +103,42 @@ class Farm:
         broker: BrokerSettings | None = None,
         topology: Topology | None = None,
         registry: CollectorRegistry | None = None,
+        metrics: Metrics | None = None,
+        supervisor: Supervisor | None = None,
         role: str = "farm",
     ) -> None:
+        """``registry``: where the member's metric families go (default prometheus_client's
+        global one; one Farm per registry). ``metrics``/``supervisor``: a process's own
+        ``sessionbus.Metrics``/``Supervisor`` instead (what ``sessionbus node`` passes)."""
         self.settings = settings
         self._keys = bus_keys
         self._topo = topology or Topology()
-        self._member = BusMember(
-            role, settings.node_id, self._topo, bus_keys, broker or BrokerSettings(),
-            replication=settings.replication, outbox=settings.outbox, sid_ctx=settings.sid_ctx,
-            session_lifetime=float(settings.session_timeout),
-            max_entries=settings.max_replica_entries, max_bytes=settings.max_replica_bytes,
-        )
+        if metrics is None:
+            metrics = Metrics(REGISTRY if registry is None else registry)
+        self.metrics = metrics
+        try:
+            self.supervisor = supervisor or Supervisor(metrics)
+            self._member = LocalSessions(
+                role, settings.node_id, self._topo, bus_keys, broker or BrokerSettings(),
+                replication=settings.replication, outbox=settings.outbox,
+                sid_ctx=settings.sid_ctx, session_lifetime=float(settings.session_timeout),
+                max_entries=settings.max_replica_entries, max_bytes=settings.max_replica_bytes,
+                metrics=metrics, supervisor=self.supervisor,
+            )
+        except (ValueError, RuntimeError) as exc:  # prometheus_client: a family already there
+            raise FarmError(
+                "another Farm exports its metrics on this registry: pass registry= "
+                f"(one Farm per registry) ({exc})"
+            ) from None
         self.hooks = SessionHooks(
             settings.node_id, settings.sid_ctx, self._member.cache, self._member.outbox,
-            stateless_tickets=settings.tickets is TicketMode.STATELESS,
+            stateless_tickets=settings.tickets is TicketMode.STATELESS, metrics=metrics,
         )
-        self.ticket_keys = RingTicketKeys()
+        self.ticket_keys = RingTicketKeys(metrics=metrics)
         self.key_follower: KeyFollower | None = None
         self._contexts: list[ssl.SSLContext] = []
         self._started = False
-        self._handshakes = {k: metrics.HANDSHAKES.labels(k) for k in ("full", "resumed")}
-        _export_on(registry)
+        self._handshakes = {k: metrics.node.handshakes.labels(k) for k in ("full", "resumed")}
 
     @classmethod
     def from_env(
@@ -203,8 +218,15 @@ class Farm:
         return self._member.outbox
 
     @property
-    def bus(self) -> BusMember:
+    def bus(self) -> LocalSessions:
         return self._member
+
+    @property
+    def failed(self) -> asyncio.Event:
+        """Set when a background task (outbox, replicator, key follower) failed: it was logged
+        with its traceback and counted (``sessionbus_task_failures_total``); serving goes on
+        from the replica, but the farm no longer replicates. ``sessionbus node`` exits then."""
+        return self.supervisor.failed
 
     def attach(self, ctx: ssl.SSLContext) -> ssl.SSLContext:
         """Serve ``ctx``'s sessions from the farm; returns ``ctx``.
@@ -276,7 +298,8 @@ class Farm:
 
     async def _follow_keys(self, conn: AbstractRobustConnection) -> None:
         self.key_follower = KeyFollower(conn, self._topo, self._keys,
-                                        on_ring=self.ticket_keys.update)
+                                        on_ring=self.ticket_keys.update, metrics=self.metrics,
+                                        supervisor=self.supervisor)
         await retry(self.key_follower.start, "following the key stream")
 
     async def wait_ready(self, timeout: float) -> bool:
@@ -314,38 +337,3 @@ class Farm:
         """For Starlette/FastAPI ``lifespan=farm.lifespan`` (uvicorn runs it before serving)."""
         async with self:
             yield
-
-
-# --- metrics on a caller's registry -----------------------------------------------------------
-# The families are module-level objects on prometheus_client's default registry; a caller's own
-# registry gets a collector that reads the same objects, so both expose one set of values.
-
-_EXPORTED_FAMILIES: tuple[Any, ...] = (
-    metrics.HANDSHAKES, metrics.LOOKUPS, metrics.REMOVES_PROPAGATED, metrics.EVENTS_PUBLISHED,
-    metrics.EVENTS_DROPPED, metrics.MESSAGES_RETURNED, metrics.PUBLISH_FAILURES,
-    metrics.OUTBOX_DEPTH, metrics.OUTBOX_CAPACITY, metrics.TICKET_DECRYPTIONS,
-    cmetrics.EVENTS_CONSUMED, cmetrics.EVENTS_REJECTED, cmetrics.MESSAGES_DEAD_LETTERED,
-    cmetrics.REPLICATION_LAG, cmetrics.REPLICA_SESSIONS, cmetrics.REPLICA_BYTES,
-    cmetrics.REPLICA_TOMBSTONES, cmetrics.REPLICA_EVICTIONS, cmetrics.REPLICA_EXPIRATIONS,
-    cmetrics.REPLAY_CAUGHT_UP, cmetrics.BROKER_CONNECTED, cmetrics.BROKER_RECONNECTS,
-    cmetrics.TICKET_KEYS, cmetrics.TICKET_KEY_NEWEST_AGE,
-)
-
-
-class _Families(Collector):
-    def __init__(self, families: Iterable[Any]) -> None:
-        self._families = tuple(families)
-
-    def collect(self) -> Iterable[Any]:
-        for family in self._families:
-            yield from family.collect()
-
-
-_exported_on: list[CollectorRegistry] = []
-
-
-def _export_on(registry: CollectorRegistry | None) -> None:
-    if registry is None or registry is REGISTRY or any(r is registry for r in _exported_on):
-        return
-    registry.register(_Families(_EXPORTED_FAMILIES))
-    _exported_on.append(registry)

@@ -29,6 +29,7 @@ def _binding_loaded() -> None:
 
 def lone_farm(tickets: TicketMode = TicketMode.STATEFUL, **kw: object) -> Farm:
     settings = FarmSettings(node_id="api-test", tickets=tickets, replication=False)
+    kw.setdefault("registry", CollectorRegistry())  # the global one takes one Farm per process
     return Farm(settings, bus_keys=BusKeys([new_key()]), **kw)  # type: ignore[arg-type]
 
 
@@ -115,18 +116,26 @@ def test_from_env_reads_what_the_commands_read(tmp_path: Path) -> None:
     env = {"SESSIONBUS_BUS_KEY_FILE": str(key), "SESSIONBUS_NODE_ID": "web-1",
            "SESSIONBUS_TICKETS": "stateless", "SESSIONBUS_SERVICE": "shop",
            "SESSIONBUS_SESSION_TIMEOUT": "600"}
-    farm = Farm.from_env(environ=env)
+    farm = Farm.from_env(environ=env, registry=CollectorRegistry())
     assert (farm.node_id, farm.settings.tickets, farm.settings.sid_ctx,
             farm.settings.session_timeout) == ("web-1", TicketMode.STATELESS, b"shop", 600)
-    assert Farm.from_env(environ={**env, "SESSIONBUS_LINGER": "0.05"}).settings.outbox \
-        .min_interval == 0.05
+    lingering = Farm.from_env(environ={**env, "SESSIONBUS_LINGER": "0.05"},
+                              registry=CollectorRegistry())
+    assert lingering.settings.outbox.min_interval == 0.05
     for bad in ({"SESSIONBUS_TICKETS": "maybe"}, {"SESSIONBUS_AMQP_URL": "http://x"},
                 {"SESSIONBUS_SESSION_TIMEOUT": "soon"}, {"SESSIONBUS_NODE_ID": "Web_1"},
                 {"SESSIONBUS_SERVICE": "s" * 33}, {"SESSIONBUS_LINGER": "2"},
                 {"SESSIONBUS_LINGER": "soon"}):
         with pytest.raises(sessionbus.FarmError) as caught:
-            Farm.from_env(environ={**env, **bad})
+            Farm.from_env(environ={**env, **bad}, registry=CollectorRegistry())
         assert "\n" not in str(caught.value)
+
+
+def test_a_second_farm_on_one_registry_is_one_clear_error() -> None:
+    registry = CollectorRegistry()
+    lone_farm(registry=registry)
+    with pytest.raises(sessionbus.FarmError, match="one Farm per registry"):
+        lone_farm(registry=registry)
 
 
 def test_import_sessionbus_stays_light() -> None:

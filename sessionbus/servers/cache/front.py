@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -23,9 +24,9 @@ from aio_pika.abc import AbstractRobustConnection
 
 from sessionbus.bus.connection import BrokerSettings, retry
 from sessionbus.bus.topology import Topology
-from sessionbus.consumer import metrics as cmetrics
-from sessionbus.consumer.local_sessions import BusMember
+from sessionbus.consumer.local_sessions import LocalSessions
 from sessionbus.keys.follower import KeyFollower
+from sessionbus.metrics import Metrics
 from sessionbus.producer.outbox import OutboxSettings
 from sessionbus.schemas.sealing import BusKeys
 from sessionbus.servers.cache.connection import (
@@ -39,6 +40,7 @@ from sessionbus.servers.cache.h2o_tickets import H2oTicketRing
 from sessionbus.servers.cache.memcache import MemcacheConnection
 from sessionbus.servers.cache.redis import RedisConnection
 from sessionbus.servers.cache.store import Store
+from sessionbus.tasks import Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +78,9 @@ class CacheFront:
         broker: BrokerSettings,
         keys: BusKeys,
         topology: Topology,
+        *,
+        metrics: Metrics | None = None,
+        supervisor: Supervisor | None = None,
     ) -> None:
         if settings.memcache is None and settings.redis is None:
             raise ValueError("a cache front needs a memcache or a redis listener")
@@ -84,11 +89,14 @@ class CacheFront:
         self._keys = keys
         self._topo = topology
         # sid_ctx None: a cache front keeps sessions of every context, and opaque values
-        self.bus = BusMember(
+        self.metrics = metrics = metrics or Metrics()
+        self.supervisor = supervisor = supervisor or Supervisor(metrics)
+        self.bus = LocalSessions(
             "cache", settings.node_id, topology, keys, broker,
             replication=settings.replication, outbox=settings.outbox, sid_ctx=None,
             session_lifetime=float(settings.session_timeout),
             max_entries=settings.max_replica_entries, max_bytes=settings.max_replica_bytes,
+            metrics=metrics, supervisor=supervisor,
         )
         self.cache, self.outbox = self.bus.cache, self.bus.outbox
         self.store = Store(
@@ -99,7 +107,7 @@ class CacheFront:
         self.key_follower: KeyFollower | None = None
         if settings.h2o_tickets:
             self.store.h2o_tickets = H2oTicketRing()
-        self.connections = Connections(settings.limits)
+        self.connections = Connections(settings.limits, metrics.cache)
         self._servers: dict[str, Listener] = {}
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -112,7 +120,6 @@ class CacheFront:
         return list(self._servers)
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
         store, conns = self.store, self.connections
         if self.settings.replication or self.settings.h2o_tickets:
             await self.bus.connect(self._follow_keys if self.settings.h2o_tickets else None)
@@ -124,22 +131,24 @@ class CacheFront:
             for name, addr, proto in listeners:
                 if addr is None:
                     continue
-                precreate(name)
+                precreate(self.connections.metrics, name)
                 self._servers[name] = Listener.bind(
                     addr[0], addr[1],
                     lambda sock, proto=proto: proto(sock, store, conns),  # type: ignore[misc]
+                    functools.partial(self.supervisor.fail, f"cache-{name}-listener"),
                 )
                 log.info("cache %s: %s on %s:%d", self.settings.node_id, name,
                          *self.address(name))
         except OSError:
             await self.stop(0.5)
             raise
-        self._tasks.append(loop.create_task(self._housekeeping()))
+        self._tasks.append(self.supervisor.spawn(self._housekeeping(), "cache-housekeeping"))
 
     async def _follow_keys(self, conn: AbstractRobustConnection) -> None:
         ring = self.store.h2o_tickets
         assert ring is not None
-        self.key_follower = KeyFollower(conn, self._topo, self._keys, on_ring=ring.update)
+        self.key_follower = KeyFollower(conn, self._topo, self._keys, on_ring=ring.update,
+                                        metrics=self.metrics, supervisor=self.supervisor)
         await retry(self.key_follower.start, "following the key stream")
 
     async def wait_bus_ready(self, timeout: float) -> bool:
@@ -153,8 +162,6 @@ class CacheFront:
             self.connections.sweep_idle(time.monotonic())
             if self.bus.replicator is None:
                 self.cache.sweep()
-                cmetrics.REPLICA_SESSIONS.set(len(self.cache))
-                cmetrics.REPLICA_BYTES.set(self.cache.bytes_used)
 
     async def stop(self, drain_timeout: float = 5.0) -> None:
         for server in self._servers.values():
