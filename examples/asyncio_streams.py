@@ -21,7 +21,7 @@ import sys
 import sessionbus
 
 
-async def serve(farm: sessionbus.Farm, ctx: ssl.SSLContext, host: str, port: int) -> None:
+async def serve(farm: sessionbus.Farm, ctx: ssl.SSLContext, host: str, port: int) -> int:
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         sslobj = writer.get_extra_info("ssl_object")
         farm.handshake_done(sslobj)
@@ -48,7 +48,9 @@ async def serve(farm: sessionbus.Farm, ctx: ssl.SSLContext, host: str, port: int
         server = await asyncio.start_server(handle, host, port, ssl=ctx, ssl_handshake_timeout=10)
         print(f"listening on {host}:{server.sockets[0].getsockname()[1]}", flush=True)
         async with server:
-            await stop.wait()
+            # a failed background task (logged, counted) stops the server: exit 1, restart
+            failed = await farm.supervisor.wait_stop(stop)
+    return 1 if failed else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,8 +78,7 @@ def main(argv: list[str] | None = None) -> int:
 
         factory = uvloop.new_event_loop
     with asyncio.Runner(loop_factory=factory) as runner:
-        runner.run(serve(farm, ctx, args.host, args.port))
-    return 0
+        return runner.run(serve(farm, ctx, args.host, args.port))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Real uvicorn and aiohttp servers (examples/) attached to the farm, as processes on loopback.
+"""Real uvicorn, aiohttp and asyncio-streams servers (examples/) attached to the farm, on loopback.
 
 A session made on one resumes on the other (TLS 1.2 and 1.3, stateful and stateless, CPython's
 client and ``openssl s_client``); ``sessionbus revoke`` stops it resuming on both; with the broker
@@ -36,7 +36,9 @@ from tests.farm_support import (
 
 pytestmark = [pytest.mark.broker, pytest.mark.tls, pytest.mark.slow]
 
-SERVERS = {"aiohttp": "examples.aiohttp_server", "uvicorn": "examples.uvicorn_server"}
+SERVERS = {"aiohttp": "examples.aiohttp_server", "uvicorn": "examples.uvicorn_server",
+           "streams": "examples.asyncio_streams"}
+READY = {"aiohttp": "Running on", "uvicorn": "Uvicorn running on", "streams": "listening on"}
 NODE_IDS = [f"{kind}-{x}" for kind in SERVERS for x in "ab"]
 LOOP = os.environ.get("SESSIONBUS_TEST_LOOP", "asyncio")
 
@@ -75,7 +77,7 @@ class PyFarm:
             "--key", str(self.key), "--tickets", tickets, "--loop", LOOP,
         ], {**self.env, **(env or {})})
         self.procs.append(p)
-        p.wait_for("unning on")  # aiohttp "Running on", uvicorn "Uvicorn running on"
+        p.wait_for(READY[kind])
         if warm:
             p.wait_for("is warm")
         if tickets == "stateless":
@@ -225,4 +227,4 @@ def test_an_unusable_context_fails_at_start_with_one_line(farm: PyFarm, kind: st
     assert out.returncode == 3, out.stdout + out.stderr
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "cannot attach the farm to this SSLContext" in lines[0], out.stderr
-    assert "unning on" not in out.stdout  # it never listened
+    assert READY[kind] not in out.stdout  # it never listened
