@@ -38,8 +38,9 @@ from aio_pika.abc import (
 from sessionbus.bus.connection import BROKER_ERRORS
 from sessionbus.bus.topology import Topology
 from sessionbus.metrics import Metrics
-from sessionbus.schemas.codec import H_REASON, DecodedBatch
+from sessionbus.schemas.codec import H_REASON, DecodedBatch, delivery_headers
 from sessionbus.schemas.errors import EnvelopeError, Reason
+from sessionbus.schemas.freshness import Freshness
 from sessionbus.tasks import Supervisor
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,7 @@ class Subscription(Generic[T]):
         self._queue: AbstractQueue | None = None
         self._tag: str | None = None
         self._inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+        self._freshness = Freshness()  # replay state of this delivery path (see codec)
         self._worker: asyncio.Task[None] | None = None
         self._stopping = False
         self._closing = False
@@ -225,7 +227,7 @@ class Subscription(Generic[T]):
             offset = raw if isinstance(raw, int) else None
             if offset is not None and self.last_offset is not None and offset <= self.last_offset:
                 return  # already handled before a resubscribe
-        headers: Mapping[str, Any] = message.headers or {}
+        headers: Mapping[str, Any] = delivery_headers(message, self._freshness)
         try:
             decoded = self._decode(message.body, headers)
         except EnvelopeError as exc:

@@ -10,6 +10,12 @@ from pathlib import Path
 
 from sessionbus.bus.connection import DEFAULT_URL, BrokerSettings
 from sessionbus.bus.topology import Topology
+from sessionbus.cli.safety import (
+    UnsafeSetting,
+    check_any_origin_users,
+    redact_url,
+    refuse_plaintext_remote,
+)
 from sessionbus.schemas.events import valid_node_id
 from sessionbus.schemas.sealing import BusKeyError, BusKeys, load_bus_keys
 
@@ -24,11 +30,18 @@ def env(name: str, default: str | None = None) -> str | None:
 
 def add_common(p: argparse.ArgumentParser, *, bus_key: bool = True) -> None:
     g = p.add_argument_group("common options")
+    url = env("SESSIONBUS_AMQP_URL", DEFAULT_URL) or DEFAULT_URL
+    shown = redact_url(url).replace("%", "%%")  # --help never prints the password
     g.add_argument(
-        "--amqp-url", default=env("SESSIONBUS_AMQP_URL", DEFAULT_URL),
-        help="broker URL, amqp:// or amqps:// (env SESSIONBUS_AMQP_URL; default %(default)s). "
-        "Prefer the env var or a URL without password on shared hosts: argv is visible to all",
+        "--amqp-url", default=url,
+        help=f"broker URL, amqps:// (or amqp:// on loopback) (env SESSIONBUS_AMQP_URL; "
+        f"default {shown}). Prefer the env var or a URL without password on shared hosts: "
+        "argv is visible to all",
     )
+    g.add_argument("--amqp-plaintext", action="store_true",
+                   default=env("SESSIONBUS_AMQP_PLAINTEXT", "") == "1",
+                   help="allow amqp:// (no TLS) to a non-loopback broker: the network is "
+                   "trusted (env SESSIONBUS_AMQP_PLAINTEXT=1)")
     g.add_argument("--amqp-ca", default=env("SESSIONBUS_AMQP_CA"), metavar="PEM",
                    help="amqps: CA file of the broker's certificate (env SESSIONBUS_AMQP_CA)")
     g.add_argument("--amqp-cert", default=env("SESSIONBUS_AMQP_CERT"), metavar="PEM",
@@ -41,7 +54,20 @@ def add_common(p: argparse.ArgumentParser, *, bus_key: bool = True) -> None:
         g.add_argument(
             "--bus-key-file", default=env("SESSIONBUS_BUS_KEY_FILE"), metavar="FILE",
             help="bus key file, mode 0600 (env SESSIONBUS_BUS_KEY_FILE; make one with "
-            "`sessionbus bus-key new FILE`)",
+            "`sessionbus bus-key new FILE`; a keyfile host or key publisher holds the "
+            "ring-only file of `sessionbus bus-key ring-file`)",
+        )
+        g.add_argument(
+            "--ring-public-key-file", default=env("SESSIONBUS_RING_PUBLIC_KEY_FILE"),
+            metavar="FILE", help="public key(s) ticket-key rings must be signed with (env "
+            "SESSIONBUS_RING_PUBLIC_KEY_FILE; `sessionbus bus-key signing-key`)",
+        )
+        g.add_argument(
+            "--any-origin-user", action="append", metavar="USER",
+            default=[u for u in (env("SESSIONBUS_ANY_ORIGIN_USERS", "") or "").split(",") if u],
+            help="dev/test only, loopback brokers only: a broker user whose messages may carry "
+            "any origin (e.g. guest for `sessionbus up`; env SESSIONBUS_ANY_ORIGIN_USERS, "
+            "comma-separated). Otherwise a message is taken only if its user is its origin",
         )
     g.add_argument("--prefix", default=env("SESSIONBUS_PREFIX", "sessionbus"),
                    help="name prefix of exchanges and queues (env SESSIONBUS_PREFIX; "
@@ -58,12 +84,19 @@ class Common:
     topology: Topology
     metrics: str | None
     bus_key_file: str | None
+    ring_public_key_file: str | None = None
+    any_origin_users: frozenset[str] = frozenset()
+    ring_signing_key_file: str | None = None
 
     def keys(self) -> BusKeys:
         if not self.bus_key_file:
             raise ConfigError("no bus key: pass --bus-key-file or set SESSIONBUS_BUS_KEY_FILE")
         try:
-            return load_bus_keys(self.bus_key_file)
+            return load_bus_keys(
+                self.bus_key_file, public_key_file=self.ring_public_key_file,
+                signing_key_file=self.ring_signing_key_file,
+                any_origin_users=self.any_origin_users,
+            )
         except BusKeyError as exc:
             raise ConfigError(str(exc)) from None
 
@@ -85,6 +118,12 @@ def common_from_args(args: argparse.Namespace) -> Common:
             raise ConfigError(f"--metrics: {exc}") from None
     if not str(args.amqp_url).startswith(("amqp://", "amqps://")):
         raise ConfigError("--amqp-url must start with amqp:// or amqps://")
+    try:
+        refuse_plaintext_remote(str(args.amqp_url), plaintext_ok=bool(args.amqp_plaintext))
+        any_origin = check_any_origin_users(str(args.amqp_url),
+                                            getattr(args, "any_origin_user", None) or ())
+    except UnsafeSetting as exc:
+        raise ConfigError(str(exc)) from None
     return Common(
         broker=BrokerSettings(
             url=args.amqp_url, ca_file=args.amqp_ca, cert_file=args.amqp_cert,
@@ -93,6 +132,9 @@ def common_from_args(args: argparse.Namespace) -> Common:
         topology=Topology(prefix=args.prefix),
         metrics=args.metrics,
         bus_key_file=getattr(args, "bus_key_file", None),
+        ring_public_key_file=getattr(args, "ring_public_key_file", None),
+        any_origin_users=any_origin,
+        ring_signing_key_file=getattr(args, "ring_signing_key_file", None),
     )
 
 
