@@ -151,9 +151,12 @@ class Farm:
         registry: CollectorRegistry | None = None,
         environ: Mapping[str, str] | None = None,
     ) -> Farm:
-        """A farm member configured as the ``sessionbus`` commands are: ``SESSIONBUS_AMQP_URL``,
-        ``SESSIONBUS_BUS_KEY_FILE`` (required), ``SESSIONBUS_PREFIX``, ``SESSIONBUS_AMQP_CA`` /
-        ``_CERT`` / ``_KEY``, and ``SESSIONBUS_NODE_ID``, ``SESSIONBUS_SERVICE``,
+        """A farm member configured as the ``sessionbus`` commands are: ``SESSIONBUS_AMQP_URL``
+        (``amqps://``, or ``amqp://`` on loopback or with ``SESSIONBUS_AMQP_PLAINTEXT=1``),
+        ``SESSIONBUS_BUS_KEY_FILE`` (required), ``SESSIONBUS_RING_PUBLIC_KEY_FILE`` (what
+        stateless tickets' rings must be signed with), ``SESSIONBUS_ANY_ORIGIN_USERS`` (dev/test,
+        loopback only), ``SESSIONBUS_PREFIX``, ``SESSIONBUS_AMQP_CA`` / ``_CERT`` / ``_KEY``, and
+        ``SESSIONBUS_NODE_ID``, ``SESSIONBUS_SERVICE``,
         ``SESSIONBUS_TICKETS``, ``SESSIONBUS_SESSION_TIMEOUT`` when not given as arguments, and
         ``SESSIONBUS_LINGER`` (``sessionbus node --linger``: at most one NEW/REMOVE message per
         this many seconds; 0, the default, sends each at once).
@@ -165,13 +168,31 @@ class Farm:
         key_file = env.get("SESSIONBUS_BUS_KEY_FILE")
         if not key_file:
             raise FarmError("no bus key: set SESSIONBUS_BUS_KEY_FILE")
-        try:
-            keys = load_bus_keys(key_file)
-        except BusKeyError as exc:
-            raise FarmError(str(exc)) from None
         url = env.get("SESSIONBUS_AMQP_URL", DEFAULT_URL)
         if not url.startswith(("amqp://", "amqps://")):
             raise FarmError("SESSIONBUS_AMQP_URL must start with amqp:// or amqps://")
+        # here, not at the top: sessionbus.cli's package imports every command, the node's too
+        from sessionbus.cli.safety import (
+            UnsafeSetting,
+            check_any_origin_users,
+            refuse_plaintext_remote,
+        )
+
+        users = [u for u in env.get("SESSIONBUS_ANY_ORIGIN_USERS", "").split(",") if u]
+        try:  # the commands' own rules (sessionbus.cli.safety), in their words
+            refuse_plaintext_remote(
+                url, plaintext_ok=env.get("SESSIONBUS_AMQP_PLAINTEXT", "") == "1"
+            )
+            any_origin = check_any_origin_users(url, users)
+        except UnsafeSetting as exc:
+            raise FarmError(str(exc)) from None
+        try:
+            keys = load_bus_keys(
+                key_file, public_key_file=env.get("SESSIONBUS_RING_PUBLIC_KEY_FILE") or None,
+                any_origin_users=any_origin,
+            )
+        except BusKeyError as exc:
+            raise FarmError(str(exc)) from None
         timeout_text = env.get("SESSIONBUS_SESSION_TIMEOUT", "7200")
         if session_timeout is None:
             if not timeout_text.isdigit():

@@ -125,10 +125,13 @@ def test_from_env_reads_what_the_commands_read(tmp_path: Path) -> None:
     for bad in ({"SESSIONBUS_TICKETS": "maybe"}, {"SESSIONBUS_AMQP_URL": "http://x"},
                 {"SESSIONBUS_SESSION_TIMEOUT": "soon"}, {"SESSIONBUS_NODE_ID": "Web_1"},
                 {"SESSIONBUS_SERVICE": "s" * 33}, {"SESSIONBUS_LINGER": "2"},
-                {"SESSIONBUS_LINGER": "soon"}):
+                {"SESSIONBUS_LINGER": "soon"},
+                {"SESSIONBUS_AMQP_URL": "amqp://u:sekrit@192.0.2.1/"},  # plaintext, not loopback
+                {"SESSIONBUS_AMQP_URL": "amqps://u:sekrit@192.0.2.1/",
+                 "SESSIONBUS_ANY_ORIGIN_USERS": "guest"}):  # the test allowance off loopback
         with pytest.raises(sessionbus.FarmError) as caught:
             Farm.from_env(environ={**env, **bad}, registry=CollectorRegistry())
-        assert "\n" not in str(caught.value)
+        assert "\n" not in str(caught.value) and "sekrit" not in str(caught.value)
 
 
 def test_a_second_farm_on_one_registry_is_one_clear_error() -> None:
