@@ -1,6 +1,6 @@
 """An aiohttp server whose TLS sessions are the farm's: ``farm.attach(ctx)`` and ``cleanup_ctx``.
 
-    SESSIONBUS_BUS_KEY_FILE=bus.key SESSIONBUS_AMQP_URL=amqp://... \\
+    SESSIONBUS_BUS_KEY_FILE=bus.key SESSIONBUS_AMQP_URL=amqps://... \\
         python -m examples.aiohttp_server --node-id web-1 --port 8443 --cert c.pem --key k.pem
 """
 

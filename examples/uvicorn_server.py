@@ -1,7 +1,7 @@
 """A uvicorn (ASGI) server whose TLS sessions are the farm's, through uvicorn's
 ``ssl_context_factory``: the context uvicorn builds from its ssl options, attached.
 
-    SESSIONBUS_BUS_KEY_FILE=bus.key SESSIONBUS_AMQP_URL=amqp://... \\
+    SESSIONBUS_BUS_KEY_FILE=bus.key SESSIONBUS_AMQP_URL=amqps://... \\
         python -m examples.uvicorn_server --node-id api-1 --port 8443 --cert c.pem --key k.pem
 """
 
