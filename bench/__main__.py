@@ -37,8 +37,9 @@ BENCHMARKS: dict[str, str] = {
     "peer_cache": "bench.bench_peer_cache",
     "httpd_cache": "bench.bench_httpd_cache",
     "aiohttp": "bench.bench_aiohttp",
+    "ats": "bench.bench_ats",
 }
-OPTIONAL = {"peer_cache", "httpd_cache"}
+OPTIONAL = {"peer_cache", "httpd_cache", "ats"}
 
 
 def _fmt(v: Any) -> str:

@@ -25,6 +25,7 @@ from aio_pika.abc import AbstractChannel, AbstractQueue, AbstractRobustConnectio
 
 from sessionbus.bus.topology import Topology, declare_replica_queue
 from sessionbus.consumer.peer_cache import PeerCache
+from sessionbus.consumer.replay_progress import ReplayProgress, stream_end
 from sessionbus.consumer.subscription import QueueSource, StreamSource, Subscription
 from sessionbus.metrics import OUTCOMES, Metrics
 from sessionbus.schemas.codec import (
@@ -138,6 +139,7 @@ class Replicator:
             )
             await self._replay.start()
             self._tasks.append(self._supervisor.spawn(self._watch_replay(), "replicator"))
+            self._tasks.append(self._supervisor.spawn(self._progress(), "replicator"))
         else:
             self._set_caught_up()
         self._tasks.append(self._supervisor.spawn(self._housekeeping(), "replicator"))
@@ -151,6 +153,16 @@ class Replicator:
         for sub in (self._replay, self._live):
             if sub is not None:
                 await sub.stop(timeout)
+
+    async def _progress(self) -> None:
+        """Warm-join progress (gauge, a log line every few seconds while it lasts): reads the
+        replay's last offset only, so it stays out of the apply path."""
+        replay = self._replay
+        assert replay is not None
+        progress = ReplayProgress(f"replica {self.settings.node_id}",
+                                  lambda: replay.last_offset, self.caught_up,
+                                  self._replica_m.replay_offsets)
+        await progress.run(stream_end(self._conn, self._topo.session_stream))
 
     def _set_caught_up(self) -> None:
         if not self.caught_up.is_set():

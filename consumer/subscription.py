@@ -270,6 +270,8 @@ class Subscription(Generic[T]):
                 self._m.dead_lettered.labels(
                     reason if reason in Reason._value2member_map_ else Reason.MALFORMED.value
                 ).inc()
+                log.warning("subscription %s: message dead-lettered (reason %s)",
+                            self._source.name, reason)
                 return
             except BROKER_ERRORS as exc:
                 log.warning("dead-letter publish failed (attempt %d): %s", attempt + 1,

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import importlib
 import logging
+import os
 import time
 import uuid
 from collections.abc import Mapping
@@ -19,6 +21,7 @@ from sessionbus.consumer.subscription import QueueSource, StreamSource, Subscrip
 from sessionbus.metrics import Metrics
 from sessionbus.schemas.codec import DecodedBatch, decode_batch
 from sessionbus.schemas.errors import Reason
+from sessionbus.schemas.events import SessionEvent
 from sessionbus.schemas.sealing import BusKeys
 from sessionbus.tasks import Supervisor
 
@@ -37,15 +40,40 @@ def load_consumer(spec: str) -> Consumer:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ImportStringError(f"cannot import {module_name}: {exc}") from None
+        # `sessionbus worker` puts its working directory first on sys.path: say where we looked
+        raise ImportStringError(
+            f"cannot import {module_name}: {exc} (import strings resolve from the working "
+            f"directory, {os.getcwd()}, then the installed packages)"
+        ) from None
     obj = getattr(module, attr, None)
     if not isinstance(obj, Consumer):
-        raise ImportStringError(f"{spec} is not a consumer (a sessionbus.consumer.api.Consumer)")
+        what = "missing" if obj is None else f"a {type(obj).__name__}"
+        raise ImportStringError(f"{spec} is not a consumer (sessionbus.consumer.api.Consumer; "
+                                f"it is {what})")
     return obj
 
 
+# Set by `sessionbus dead replay` on a re-queued copy: the indexes of the events the handler had
+# failed, so the replay delivers only those (the rest were handled the first time).
+H_REPLAY_INDEXES = "sessionbus-replay-indexes"
+
+
+def session_ref(session_id: bytes) -> str:
+    """A short, one-way name for a session id in logs: never the id itself (it resumes)."""
+    return hashlib.sha256(b"sessionbus log ref\0" + session_id).hexdigest()[:12]
+
+
+def describe(event: SessionEvent) -> str:
+    return f"{event.type.value} event from {event.origin}, session {session_ref(event.session_id)}"
+
+
 def _decode(keys: BusKeys, body: bytes, headers: Mapping[str, Any]) -> DecodedBatch:
-    return decode_batch(body, headers, keys)
+    batch = decode_batch(body, headers, keys)
+    only = headers.get(H_REPLAY_INDEXES)
+    if isinstance(only, list) and not batch.rejected:
+        wanted = {i for i in only if isinstance(i, int)}
+        batch.events = [e for i, e in enumerate(batch.events) if i in wanted]
+    return batch
 
 
 class ConsumerRunner:
@@ -100,15 +128,25 @@ class ConsumerRunner:
                     raise
                 except Exception as exc:
                     self._failures.inc()
-                    log.warning("consumer %s: handler raised %s (attempt %d of %d)", c.name,
-                                type(exc).__name__, attempt + 1, c.retries + 1)
-                    if attempt < c.retries:
+                    final = attempt == c.retries
+                    # The traceback on the final attempt (and at debug on every one): enough to
+                    # debug a handler without flooding the log while retries may still succeed.
+                    log.warning(
+                        "consumer %s: handler raised %s: %s on %s (attempt %d of %d)", c.name,
+                        type(exc).__name__, exc, describe(event), attempt + 1, c.retries + 1,
+                        exc_info=final or log.isEnabledFor(logging.DEBUG),
+                    )
+                    if not final:
                         await asyncio.sleep(c.retry_delay * 2**attempt)
                 else:
                     self._duration.observe(time.perf_counter() - start)
                     consumed.labels(event.type.value, "applied").inc()
                     break
             else:
+                log.error("consumer %s: %s dead-lettered (reason %s) after %d attempts; "
+                          "`sessionbus dead list` shows it, `sessionbus dead replay` re-queues "
+                          "it once the handler is fixed", c.name, describe(event),
+                          Reason.HANDLER.value, c.retries + 1)
                 failed.append((i, Reason.HANDLER.value))
                 consumed.labels(event.type.value, "rejected").inc()
                 self._delivery.events_rejected.labels(Reason.HANDLER.value).inc()

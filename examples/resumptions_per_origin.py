@@ -1,8 +1,12 @@
 """A worked custom consumer: resumptions per node that made the session, as a Prometheus metric.
 
-Run it with:
+Run it from the repository's top directory (an import string resolves from the working
+directory first), against the local farm (``bash ops/local-farm``), with the farm's bus key:
 
-    sessionbus worker --consumer examples.resumptions_per_origin:consumer --metrics 127.0.0.1:9400
+    export SESSIONBUS_BUS_KEY_FILE=farm/bus.key SESSIONBUS_ANY_ORIGIN_USERS=guest
+    sessionbus worker --consumer examples.resumptions_per_origin:consumer --metrics 127.0.0.1:9430
+
+(127.0.0.1:9430: the farm's key publisher has 9400, its worker 9401, its nodes 9402 and up.)
 
 and read ``sessionbus_example_resumptions_total{session_origin="node-1",where="cross"}``: how often
 sessions made on node-1 were resumed, on node-1 itself (``local``) or on another node

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import ssl
 from dataclasses import dataclass
 
@@ -106,10 +107,12 @@ class Node:
         host, port = self._server.sockets[0].getsockname()[:2]
         return host, port
 
-    async def start(self) -> None:
+    async def start(self, sock: socket.socket | None = None) -> None:
+        """Serve; ``sock``, if given, is the listening socket the caller bound already."""
         await self.farm.start()
+        host, port = (None, None) if sock is not None else (self.settings.host, self.settings.port)
         self._server = await asyncio.start_server(
-            self._serve, self.settings.host, self.settings.port, ssl=self.context,
+            self._serve, host, port, sock=sock, ssl=self.context,
             ssl_handshake_timeout=10, limit=_MAX_REQUEST_HEAD,
         )
         log.info("node %s listening on %s:%d", self.settings.node_id, *self.address)

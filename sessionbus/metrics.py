@@ -172,6 +172,13 @@ class ReplicaMetrics:
             "sessionbus_replay_caught_up",
             "1 once the warm-join replay of the session stream reached live", registry=r,
         )
+        self.replay_offsets = Gauge(
+            "sessionbus_replay_offsets",
+            "Warm-join replay of the session stream: offsets replayed so far, and remaining to "
+            "the stream's end when the replay began", ["state"], registry=r,
+        )
+        for state in ("replayed", "remaining"):
+            self.replay_offsets.labels(state)
 
     def watch(self, replica: ReplicaView) -> None:
         """Export ``replica``'s size and counters (once per process: one replica per role)."""
@@ -311,6 +318,11 @@ class KeyfileMetrics:
             "sessionbus_keyfile_command_failures_total", "--on-change commands that failed",
             registry=r,
         )
+        self.announce_ahead_short = Gauge(
+            "sessionbus_keyfile_announce_ahead_short",
+            "1 while the ring announces keys less far ahead than the server's known reload "
+            "latency (ATS: ~10 s)", registry=r,
+        )
 
 
 class CacheMetrics:
@@ -326,6 +338,22 @@ class CacheMetrics:
         r.register(self.requests)
         self.connections = Gauge(
             "sessionbus_cache_connections", "Open cache front connections", registry=r
+        )
+        # the push subscription (servers/cache/push.py, Traffic Server's plugin)
+        self.push_subscribers = Gauge(
+            "sessionbus_cache_push_subscribers", "Push subscribers connected", registry=r
+        )
+        self.push_events = Counter(
+            "sessionbus_cache_push_events_total",
+            "Sessions (new, replays included) and removes pushed to subscribers", ["type"],
+            registry=r,
+        )
+        for t in ("new", "remove"):
+            self.push_events.labels(t)
+        self.push_dropped = Counter(
+            "sessionbus_cache_push_subscribers_dropped_total",
+            "Push subscribers dropped: not reading (they reconnect and replay) or a bad subscribe",
+            registry=r,
         )
         self.refused = Counter(
             "sessionbus_cache_refused_total",

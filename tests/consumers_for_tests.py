@@ -24,3 +24,15 @@ async def record(event: SessionEvent) -> None:
 
 recorder = Consumer("recorder", record, types=(EventType.NEW, EventType.GET, EventType.REMOVE))
 not_a_consumer = 42
+
+
+async def refuse_until_fixed(event: SessionEvent) -> None:
+    """Raise until the file $SB_TEST_FIXED exists, then record the event like ``record``."""
+    if not os.path.exists(os.environ["SB_TEST_FIXED"]):
+        raise ValueError("this handler cannot take the event yet")
+    with open(os.environ["SB_TEST_RECORD"], "a") as out:
+        out.write(json.dumps([event.type.value, event.session_id.hex(), event.seq]) + "\n")
+
+
+flaky = Consumer("flaky", refuse_until_fixed, types=(EventType.NEW,), retries=1,
+                 retry_delay=0.01)

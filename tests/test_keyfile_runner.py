@@ -100,7 +100,9 @@ def counter_command(counter: Path, fail_flag: Path | None = None) -> tuple[str, 
         "import os, sys\n"
         "open(sys.argv[1], 'a').write('run\\n')\n"
         "if len(sys.argv) > 2 and os.path.exists(sys.argv[2]):\n"
-        "    sys.stderr.write('reload refused: flag present\\nsecond line never logged\\n')\n"
+        "    sys.stderr.write('NOTE: using command line path as RUNROOT\\n'\n"
+        "                     'reload refused: flag present\\nsecond line\\nthird\\n'\n"
+        "                     'fourth line never logged\\n')\n"
         "    sys.exit(7)\n"
     )
     argv = [sys.executable, "-c", script, str(counter)]
@@ -205,8 +207,9 @@ async def test_failing_command_is_counted_and_retried(
     assert runs(counter) == runner.command_failures
     assert failures_total(runner) == runner.command_failures  # its own registry starts at 0
     logged = caplog.text
-    assert "exit 7: reload refused: flag present" in logged
-    assert "second line never logged" not in logged
+    # up to three lines, ATS-style NOTE lines left out
+    assert "exit 7: reload refused: flag present | second line | third (+1 more" in logged
+    assert "fourth line never logged" not in logged and "RUNROOT" not in logged
 
     # a change is retried at once, whatever the backoff; the command now succeeds
     flag.unlink()
@@ -345,20 +348,28 @@ async def test_command_environment_has_no_bus_settings(
     assert "'SESSIONBUS_KEYFILE_FORMAT': 'nginx'" in seen
 
 
-def test_ats_mtime_advances_a_whole_second_per_change(tmp_path: Path) -> None:
+def test_ats_mtime_is_the_next_second_after_each_write(tmp_path: Path) -> None:
+    """ATS skips its key file when ``st_mtime <= last_load_time`` (the second of its last load):
+    every write gets the whole second after it, so a load earlier in the write's own second
+    still sees a change (tests/test_ats_keyfile.py shows it on a real ATS)."""
     out = private_dir(tmp_path)
     writer = KeyFileWriter(KeyfileSettings(KeyFileFormat.ATS, out))
     now = time.time()
     cur = key(now, -10, 100, 400)
-    seconds = []
-    for seq in range(3):  # three changes well within one second
+    seconds: list[int] = []
+    for seq in range(3):  # three changes, most within one second
         nxt = key(now, 100 + seq, 300, 600)
+        before = time.time()
         assert writer.write(make_ring(seq + 1, cur, nxt), now).changed == [ATS_FILE]
-        seconds.append((out / ATS_FILE).stat().st_mtime_ns // 1_000_000_000)
-    assert seconds[0] < seconds[1] < seconds[2]
+        mtime_s = (out / ATS_FILE).stat().st_mtime_ns // 1_000_000_000
+        assert mtime_s >= int(before) + 1  # later than any load up to the write
+        assert (out / ATS_FILE).stat().st_mtime_ns % 1_000_000_000 == 0
+        seconds.append(mtime_s)
+    # and past the previous mtime (traffic_manager notices changes by mtime), never far ahead
+    assert seconds[0] < seconds[1] < seconds[2] <= int(time.time()) + 3
     # unchanged content: no write, mtime left alone
     assert writer.write(make_ring(9, cur, nxt), now).changed == []
-    assert (out / ATS_FILE).stat().st_mtime_ns // 1_000_000_000 == seconds[2]
+    assert (out / ATS_FILE).stat().st_mtime_ns // 1_000_000_000 == mtime_s
 
 
 def test_haproxy_shift() -> None:

@@ -9,17 +9,15 @@ from typing import NoReturn
 
 from sessionbus.cli.commands import COMMANDS
 from sessionbus.cli.config import ConfigError
+from sessionbus.cli.exit_codes import (
+    EXIT_CODES,
+    RET_BROKER,
+    RET_CONFIG,
+    RET_INTERRUPTED,
+    RET_USAGE,
+)
+from sessionbus.cli.runtime import BrokerUnavailable
 from sessionbus.cli.safety import disable_core_dumps
-
-EXIT_CODES = """\
-exit codes:
-  0    stopped cleanly (or the command did what it was asked)
-  1    failed while running (see the log)
-  2    bad usage: unknown flag, bad value
-  3    a file or setting cannot be used (missing certificate, bad bus-key file, ...)
-  4    the broker could not be reached by a command that needs it at once
-  130  a second SIGINT/SIGTERM cut the graceful stop short
-"""
 
 EXAMPLES = """\
 examples:
@@ -36,7 +34,7 @@ class Parser(argparse.ArgumentParser):
     """argparse with a one-line error (no usage dump) and exit code 2."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        self.exit(RET_USAGE, f"{self.prog}: error: {message}\n")
 
 
 def build_parser() -> Parser:
@@ -62,9 +60,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = args.func(args)
     except ConfigError as exc:
         print(f"sessionbus {args.command}: {exc}", file=sys.stderr)
-        return 3
+        return RET_CONFIG
+    except BrokerUnavailable as exc:
+        print(f"sessionbus {args.command}: {exc}", file=sys.stderr)
+        return RET_BROKER
     except KeyboardInterrupt:
-        return 130
+        return RET_INTERRUPTED
     return code
 
 

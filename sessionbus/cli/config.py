@@ -28,8 +28,14 @@ def env(name: str, default: str | None = None) -> str | None:
     return os.environ.get(name, default)
 
 
-def add_common(p: argparse.ArgumentParser, *, bus_key: bool = True) -> None:
+def add_common(p: argparse.ArgumentParser, *, bus_key: bool = True, check: bool = True) -> None:
     g = p.add_argument_group("common options")
+    if check:
+        g.add_argument(
+            "--check", action="store_true",
+            help="check settings, files, listening addresses, the broker and this role's "
+            "permissions, one line each, then exit (0 ok, 3 a setting or file, 4 the broker)",
+        )
     url = env("SESSIONBUS_AMQP_URL", DEFAULT_URL) or DEFAULT_URL
     shown = redact_url(url).replace("%", "%%")  # --help never prints the password
     g.add_argument(

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -56,6 +58,49 @@ def self_signed(directory: Path) -> tuple[Path, Path]:
                                   serialization.NoEncryption()))
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return cert_path, key_path
+
+
+class FarmRunning(Exception):
+    """Another farm holds this directory or one of the ports: one line, with how to stop it."""
+
+
+def ports(s: FarmSettings) -> list[tuple[str, int]]:
+    """Every address a farm of these settings listens on."""
+    return ([(f"node-{i + 1}", s.base_port + i) for i in range(s.nodes)]
+            + [("keys --metrics", s.metrics_base), ("worker --metrics", s.metrics_base + 1)]
+            + [(f"node-{i + 1} --metrics", s.metrics_base + 2 + i) for i in range(s.nodes)])
+
+
+def lock_directory(directory: Path) -> int:
+    """Hold ``directory``/up.lock (with our PID in it) for as long as this process lives.
+
+    A lock, not a PID file alone: a farm killed with SIGKILL leaves the file, not the lock."""
+    directory.mkdir(parents=True, exist_ok=True)
+    fd = os.open(directory / "up.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        pid = os.read(fd, 32).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise FarmRunning(
+            f"a farm is already running from {directory} (pid {pid}): stop it with Ctrl-C "
+            f"in its terminal or `kill {pid}`, or start another with --dir and other ports"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd  # kept open: the lock lives as long as the process
+
+
+def check_ports_free(s: FarmSettings) -> None:
+    for name, port in ports(s):
+        with socket.socket() as sock:
+            try:
+                sock.bind((s.host, port))
+            except OSError:
+                raise FarmRunning(
+                    f"{s.host}:{port} ({name}) is in use: is a farm already running? Stop it "
+                    f"(Ctrl-C in its terminal), or choose --base-port/--metrics-base-port"
+                ) from None
 
 
 class Farm:

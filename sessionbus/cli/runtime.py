@@ -1,4 +1,9 @@
-"""Running a role until SIGTERM/SIGINT: the first signal drains, a second one exits at once."""
+"""What every role's command shares: listeners bound first, the broker connection, the run loop.
+
+Start-up is fail-fast and said in one line: a listening address that cannot be bound is a
+``ConfigError`` naming it (exit 3), a broker a one-shot role cannot reach is ``BrokerUnavailable``
+(exit 4); the first SIGTERM/SIGINT drains, a second one exits at once (130).
+"""
 
 from __future__ import annotations
 
@@ -6,11 +11,73 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 from collections.abc import Awaitable, Callable
+
+from aio_pika.abc import AbstractRobustConnection
+
+from sessionbus.bus.connection import connect
+from sessionbus.bus.topology import declare_core
+from sessionbus.cli.config import Common, ConfigError, host_port
+from sessionbus.cli.exit_codes import RET_INTERRUPTED
+from sessionbus.metrics import Metrics, serve_metrics
 
 log = logging.getLogger(__name__)
 
-EXIT_INTERRUPTED = 130
+
+class BrokerUnavailable(Exception):
+    """The broker cannot be used by a command that needs it at once: one line, exit 4."""
+
+
+def _why(exc: OSError) -> str:
+    # socket.create_server appends "(while attempting to bind on address ...)": we name it once
+    return os.strerror(exc.errno) if exc.errno else str(exc) or type(exc).__name__
+
+
+def bind_tcp(host: str, port: int, flag: str) -> socket.socket:
+    """A listening socket on HOST:PORT, or a ConfigError naming the flag and the address."""
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        return socket.create_server((host, port), family=family, backlog=1024)
+    except OSError as exc:
+        raise ConfigError(f"{flag}: cannot listen on {host}:{port}: {_why(exc)}") from None
+
+
+def start_metrics(addr: str | None, metrics: Metrics) -> None:
+    """Serve ``metrics`` at http://``addr``/metrics now, or raise a ConfigError naming it.
+
+    Every role calls this before it touches the broker, so a taken port is the first thing an
+    operator hears about, in one line, not a traceback or a process that looks alive."""
+    if not addr:
+        return
+    host, port = host_port(addr)
+    try:
+        serve_metrics(addr, metrics.registry)
+    except OSError as exc:
+        raise ConfigError(f"--metrics: cannot listen on {host}:{port}: {_why(exc)}") from None
+
+
+async def connect_now(common: Common, metrics: Metrics | None = None, *,
+                      declare: bool = True) -> AbstractRobustConnection:
+    """The broker connection of a role that needs it at start (worker, events, keyfile):
+    connected and the core topology checked, or BrokerUnavailable."""
+    on_state = metrics.bus.broker_state if metrics is not None else None
+    try:
+        conn = await connect(common.broker, on_state=on_state)
+    except ConnectionError as exc:
+        raise BrokerUnavailable(str(exc)) from None
+    if declare:
+        try:
+            channel = await conn.channel()
+            await declare_core(channel, common.topology)
+            await channel.close()
+        except Exception as exc:
+            await conn.close()
+            raise BrokerUnavailable(
+                f"{common.broker.redacted_url()}: cannot declare the bus "
+                f"({type(exc).__name__}: {exc})"
+            ) from None
+    return conn
 
 
 def run(main: Callable[[asyncio.Event], Awaitable[int]]) -> int:
@@ -26,7 +93,7 @@ def run(main: Callable[[asyncio.Event], Awaitable[int]]) -> int:
             signals += 1
             if signals > 1:
                 log.warning("second signal: exiting now")
-                os._exit(EXIT_INTERRUPTED)
+                os._exit(RET_INTERRUPTED)
             log.info("%s: stopping (send it again to exit at once)", signal.Signals(signum).name)
             stop.set()
 

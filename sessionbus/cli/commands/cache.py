@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import logging
 import pwd
 from dataclasses import replace
 from typing import Any
 
-from sessionbus.cli.commands._common import role_metrics, start_metrics, subparser, until_stopped
+from sessionbus.cli.check import core_needs, free_address, run_check
+from sessionbus.cli.commands._common import role_metrics, subparser, until_stopped
 from sessionbus.cli.config import ConfigError, add_common, common_from_args, host_port
 from sessionbus.cli.config import node_id as node_id_type
-from sessionbus.cli.runtime import run
+from sessionbus.cli.runtime import run, start_metrics
 from sessionbus.servers.cache.access import (
     OPAQUE_SERVICE,
     AccessPolicy,
@@ -42,7 +44,7 @@ def register(sub: Any, exit_codes: str) -> None:
         "be the session's DER); other keys are stored and replicated as opaque values (written\n"
         "once, deleted farm-wide). Run one beside each server; see ops/httpd/.",
         "  sessionbus cache --node-id web-1 --memcache 127.0.0.1:11311\n"
-        "  sessionbus cache --node-id web-2 --redis 127.0.0.1:6380 --metrics 127.0.0.1:9402\n"
+        "  sessionbus cache --node-id web-2 --redis 127.0.0.1:6380 --metrics 127.0.0.1:9410\n"
         "  sessionbus cache --node-id web-3 --memcache 127.0.0.1:11311 --redis 127.0.0.1:6380 \\\n"
         "      --session-timeout 300",
         exit_codes,
@@ -69,6 +71,9 @@ def register(sub: Any, exit_codes: str) -> None:
                    "spell they go at once; longer costs less CPU per session, shorter "
                    "replicates sooner (default %(default)s; lookups, statistics only, wait up "
                    "to 0.25 s)")
+    p.add_argument("--push", type=host_port, metavar="HOST:PORT",
+                   help="push subscriptions (Traffic Server's sessionbus plugin): the "
+                   "replica's sessions replayed on subscribe, then peers' NEW and REMOVE")
     p.add_argument("--service", action="append", metavar="CONTEXT", default=[],
                    help="store and serve only sessions of this session id context (repeatable): "
                    "httpd's is the MD5 hex of its ServerName:port (printf "
@@ -98,6 +103,13 @@ def register(sub: Any, exit_codes: str) -> None:
     p.set_defaults(func=main)
 
 
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 def main(args: argparse.Namespace) -> int:
     common = common_from_args(args)
     if args.memcache is None and args.redis is None:
@@ -108,6 +120,9 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError("--max-connections must be at least 1")
     if args.idle_timeout <= 0:
         raise ConfigError("--idle-timeout must be positive")
+    if args.push is not None and not _loopback(args.push[0]):
+        raise ConfigError("--push serves the replica's sessions to whoever connects: give a "
+                          "loopback address (127.0.0.1:PORT), for the ATS plugin on this host")
     if not 0 <= args.linger <= 1:
         raise ConfigError("--linger must be 0..1 seconds")
     for name, addr in (("--memcache", args.memcache), ("--redis", args.redis)):
@@ -120,7 +135,7 @@ def main(args: argparse.Namespace) -> int:
         session_timeout=args.session_timeout, replication=not args.no_replication,
         limits=FrontLimits(max_connections=args.max_connections,
                            idle_timeout=args.idle_timeout),
-        outbox=replace(CACHE_OUTBOX, min_interval=args.linger),
+        outbox=replace(CACHE_OUTBOX, min_interval=args.linger), push=args.push,
         h2o_tickets=args.h2o_tickets,
         access=AccessPolicy(
             allow_remote=args.allow_remote,
@@ -129,16 +144,27 @@ def main(args: argparse.Namespace) -> int:
         ),
         defer_sets=not args.sync_sets,
     )
+    if args.check:
+        needs = None
+        if settings.replication:
+            needs = core_needs(common.topology)
+            needs.read_streams.append(common.topology.session_stream)
+        return run_check("cache", common, [
+            ("--memcache", free_address("--memcache", args.memcache)),
+            ("--redis", free_address("--redis", args.redis)),
+        ], needs)
+    metrics = role_metrics("cache")
+    start_metrics(common.metrics, metrics)  # listeners before anything else
     keys = common.keys()
 
     async def serve(stop: asyncio.Event) -> int:
-        metrics = role_metrics("cache")
         front = CacheFront(settings, common.broker, keys, common.topology, metrics=metrics)
         try:
             await front.start()
         except OSError as exc:
-            raise ConfigError(f"cannot listen: {exc.strerror or exc}") from None
-        start_metrics(common.metrics, metrics)
+            where = ", ".join(f"--{name} {a[0]}:{a[1]}" for name, a in
+                              (("memcache", args.memcache), ("redis", args.redis)) if a)
+            raise ConfigError(f"cannot listen on {where}: {exc.strerror or exc}") from None
         where = ", ".join(
             f"{name} on {front.address(name)[0]}:{front.address(name)[1]}"
             for name in front.protocols

@@ -7,11 +7,10 @@ import asyncio
 import sys
 from typing import Any
 
-from sessionbus.bus.connection import connect
-from sessionbus.bus.topology import declare_core
-from sessionbus.cli.commands._common import csv_of, subparser, until_stopped
+from sessionbus.cli.check import consumer_needs, run_check
+from sessionbus.cli.commands._common import csv_of, role_metrics, subparser, until_stopped
 from sessionbus.cli.config import add_common, common_from_args
-from sessionbus.cli.runtime import run
+from sessionbus.cli.runtime import connect_now, run, start_metrics
 from sessionbus.consumer.event_printer import printer
 from sessionbus.consumer.worker import Worker
 from sessionbus.schemas.events import SESSION_EVENT_TYPES, EventType
@@ -40,20 +39,19 @@ def register(sub: Any, exit_codes: str) -> None:
 
 def main(args: argparse.Namespace) -> int:
     common = common_from_args(args)
-    keys = common.keys()
     types = tuple(EventType(t) for t in args.type)
     origins = tuple(args.origin) if args.origin else None
+    if args.check:
+        return run_check("events", common, [],
+                         consumer_needs(common.topology, [printer(types, origins)]))
+    metrics = role_metrics("events")
+    start_metrics(common.metrics, metrics)  # listeners before anything else
+    keys = common.keys()
 
     async def serve(stop: asyncio.Event) -> int:
-        try:
-            conn = await connect(common.broker)
-        except ConnectionError as exc:
-            print(f"sessionbus events: {exc}", file=sys.stderr)
-            return 4
-        channel = await conn.channel()
-        await declare_core(channel, common.topology)
-        await channel.close()
-        worker = Worker(conn, common.topology, keys, [printer(types, origins)])
+        conn = await connect_now(common, metrics)
+        worker = Worker(conn, common.topology, keys, [printer(types, origins)],
+                        metrics=metrics)
         await worker.start()
         # stdout carries only JSON lines; readiness goes to stderr
         print("sessionbus events: subscribed", file=sys.stderr, flush=True)

@@ -4,30 +4,30 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import grp
 import logging
 import os
 import shlex
 import shutil
 import socket
-import sys
 from pathlib import Path
 from typing import Any
 
-from sessionbus.bus.connection import connect
-from sessionbus.bus.topology import declare_core
-from sessionbus.cli.commands._common import role_metrics, start_metrics, subparser, until_stopped
+from sessionbus.cli.check import Needs, run_check
+from sessionbus.cli.commands._common import role_metrics, subparser, until_stopped
 from sessionbus.cli.config import ConfigError, add_common, common_from_args, env
-from sessionbus.cli.runtime import run
+from sessionbus.cli.runtime import connect_now, run, start_metrics
 from sessionbus.servers.keyfile.atomic_files import UnsafeDirectoryError, check_private_dir
 from sessionbus.servers.keyfile.formats import (
     ATS_FILE,
     HAPROXY_FILE,
     HTTPD_FILE,
     MIN_SLOTS,
+    KeyFileError,
     KeyFileFormat,
     slot_file_name,
 )
-from sessionbus.servers.keyfile.runner import KeyfileRunner, KeyfileSettings
+from sessionbus.servers.keyfile.runner import KeyfileRunner, KeyfileSettings, check_group_mode
 
 log = logging.getLogger("sessionbus.keyfile")
 
@@ -37,11 +37,12 @@ DESCRIPTION = """\
 Follow the farm's ticket key ring and keep a TLS server's session-ticket key files on it: the
 current ring at once on start, then every change, and every moment of the ring's timeline (a key
 starts encrypting, a key is erased) even when the key publisher is silent. Each change is
-written atomically (temporary file, fsync, rename; mode 0600) into --out, a directory no other
-user may read (the command refuses to start otherwise), then --on-change runs once (no shell:
-give `sh -c '...'` for one; bounded by --on-change-timeout; its environment has
-SESSIONBUS_KEYFILE_DIR and SESSIONBUS_KEYFILE_FORMAT, and no other SESSIONBUS_* variable). A
-failing command is logged (exit status and the first line of its stderr) and counted
+written atomically (temporary file, fsync, rename; mode 0600, or --mode with --group) into
+--out, a directory no other user may read (the command refuses to start otherwise), then
+--on-change runs once (no shell: give `sh -c '...'` for one; bounded by --on-change-timeout;
+its environment has SESSIONBUS_KEYFILE_DIR and SESSIONBUS_KEYFILE_FORMAT, and no other
+SESSIONBUS_* variable). A failing command is logged (exit status and up to three lines of its
+stderr, NOTE lines left out) and counted
 (sessionbus_keyfile_command_failures_total), and retried at the next change or after a backoff.
 Key material never reaches logs, argv or metrics.
 
@@ -53,6 +54,10 @@ files in --out, by --format:
            encrypts, the last is announced ahead). `tls-ticket-keys` on the bind line.
   ats      ssl_ticket.key: 48-byte entries, the first encrypts
            (proxy.config.ssl.server.ticket_key.filename; reload with `traffic_ctl config reload`).
+           Its mtime is set to the next second after each write (ATS skips a file whose mtime
+           is not later than its last load's second). ATS runs as `trafficserver`: give
+           --group trafficserver --mode 0640. ATS applies a reload up to ~10 s later: keep
+           `sessionbus keys --announce-ahead` at 15 s or more (a shorter one is warned about).
   envoy    ticket.0.key .. ticket.<N-1>.key (80 bytes, the first encrypts), for
            session_ticket_keys data sources. Files are replaced one by one: have Envoy reread
            the set through --on-change rather than by watching the directory.
@@ -72,8 +77,8 @@ EXAMPLES = """\
       --on-change "systemctl reload haproxy.service"
   sessionbus keyfile --format haproxy --out /var/lib/sessionbus/keyfiles/haproxy \\
       --haproxy-socket /run/haproxy/admin.sock --on-change "systemctl reload haproxy.service"
-  sessionbus keyfile --format ats --out /etc/trafficserver/sessionbus \\
-      --on-change "traffic_ctl config reload"
+  sessionbus keyfile --format ats --out /var/lib/sessionbus/keyfiles/ats \\
+      --group trafficserver --mode 0640 --on-change "traffic_ctl config reload"
   sessionbus keyfile --format envoy --slots 3 --out /etc/envoy/ticket-keys \\
       --on-change "systemctl reload envoy.service"
   sessionbus keyfile --format httpd --out /var/lib/sessionbus/keyfiles/httpd \\
@@ -97,6 +102,11 @@ def register(sub: Any, exit_codes: str) -> None:
     p.add_argument("--slots", type=int, metavar="N",
                    help=f"nginx/envoy: number of key files (default {DEFAULT_SLOTS}, at least "
                    f"{MIN_SLOTS}; never change it without changing the server's config)")
+    p.add_argument("--group", metavar="NAME",
+                   help="give the key files this group (the server's, e.g. trafficserver); "
+                   "--out must be of that group, mode 0750")
+    p.add_argument("--mode", metavar="OCTAL", default=None,
+                   help="the key files' mode (default 0600; 0640 with --group)")
     p.add_argument("--haproxy-socket", metavar="PATH",
                    help="haproxy: HAProxy's stats socket (level admin): a rotation is pushed "
                    "with `set ssl tls-key` instead of a reload; changes that are not a "
@@ -134,6 +144,22 @@ def settings_from_args(args: argparse.Namespace) -> KeyfileSettings:
         check_private_dir(out)
     except UnsafeDirectoryError as exc:
         raise ConfigError(str(exc)) from None
+    gid: int | None = None
+    if args.group is not None:
+        try:
+            gid = grp.getgrnam(args.group).gr_gid
+        except KeyError:
+            raise ConfigError(f"--group {args.group}: no such group") from None
+    mode = 0o640 if gid is not None else 0o600
+    if args.mode is not None:
+        try:
+            mode = int(args.mode, 8)
+        except ValueError:
+            raise ConfigError(f"--mode {args.mode}: not an octal mode like 0640") from None
+    try:
+        check_group_mode(out, mode, gid)
+    except KeyFileError as exc:
+        raise ConfigError(str(exc)) from None
     argv: tuple[str, ...] = ()
     if args.on_change is not None:
         try:
@@ -148,7 +174,7 @@ def settings_from_args(args: argparse.Namespace) -> KeyfileSettings:
         fmt=fmt, out=out, on_change=argv, slots=slots,
         command_timeout=args.on_change_timeout,
         haproxy_socket=Path(args.haproxy_socket) if args.haproxy_socket else None,
-        haproxy_ref=args.haproxy_ref,
+        haproxy_ref=args.haproxy_ref, mode=mode, gid=gid,
     )
 
 
@@ -167,13 +193,30 @@ def notify_ready() -> None:
         log.warning("cannot notify systemd: %s", exc.strerror or type(exc).__name__)
 
 
+NO_PUBLIC_KEY = ("no ring public key: pass --ring-public-key-file or set "
+                 "SESSIONBUS_RING_PUBLIC_KEY_FILE")
+
+
 def main(args: argparse.Namespace) -> int:
     common = common_from_args(args)
     settings = settings_from_args(args)
+    if args.check:
+        topo = common.topology
+
+        def ring_public_key() -> str:
+            if not common.keys().verifies_rings:
+                raise ConfigError(NO_PUBLIC_KEY)
+            return f"{common.ring_public_key_file} verifies rings"
+
+        return run_check("keyfile", common, [
+            ("--out", lambda: f"{settings.out} is a private directory"),
+            ("ring public key", ring_public_key),
+        ], Needs(queues=[topo.key_stream], read_streams=[topo.key_stream]))
+    metrics = role_metrics("keyfile")
+    start_metrics(common.metrics, metrics)  # listeners before anything else
     keys = common.keys()
     if not keys.verifies_rings:  # every ring would be refused
-        raise ConfigError("no ring public key: pass --ring-public-key-file or set "
-                          "SESSIONBUS_RING_PUBLIC_KEY_FILE")
+        raise ConfigError(NO_PUBLIC_KEY)
     files = _files(settings.fmt, settings.slots)
 
     notified = False
@@ -190,20 +233,11 @@ def main(args: argparse.Namespace) -> int:
         notify_once()
 
     async def serve(stop: asyncio.Event) -> int:
-        metrics = role_metrics("keyfile")
-        start_metrics(common.metrics, metrics)
         if all((settings.out / name).is_file() for name in files):
             # Files from a previous run: the server may start with them now (the ring, once
             # it arrives, replaces what changed); only a first run makes it wait for the ring.
             notify_once()
-        try:
-            conn = await connect(common.broker, on_state=metrics.bus.broker_state)
-        except ConnectionError as exc:
-            print(f"sessionbus keyfile: {exc}", file=sys.stderr)
-            return 4
-        channel = await conn.channel()
-        await declare_core(channel, common.topology)
-        await channel.close()
+        conn = await connect_now(common, metrics)
         runner = KeyfileRunner(conn, common.topology, keys, settings, on_ready=ready,
                                metrics=metrics)
         try:

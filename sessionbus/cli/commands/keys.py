@@ -10,10 +10,11 @@ import socket
 import textwrap
 from typing import Any
 
-from sessionbus.cli.commands._common import role_metrics, start_metrics, subparser, until_stopped
+from sessionbus.cli.check import Needs, run_check
+from sessionbus.cli.commands._common import role_metrics, subparser, until_stopped
 from sessionbus.cli.config import ConfigError, add_common, common_from_args, env
 from sessionbus.cli.config import node_id as node_id_type
-from sessionbus.cli.runtime import run
+from sessionbus.cli.runtime import run, start_metrics
 from sessionbus.keys.publisher import KeyPublisher, PublisherSettings
 from sessionbus.keys.ring import (
     DEFAULT_ANNOUNCE_AHEAD,
@@ -72,7 +73,7 @@ def register(sub: Any, exit_codes: str) -> None:
         "  sessionbus keys --metrics 127.0.0.1:9400\n"
         "  sessionbus keys --rotate-every 3600 --keep 2 --announce-ahead 60   # the defaults\n"
         "  sessionbus keys --rotate-every 43200 --keep 1   # 12-hour keys, 12-hour tickets\n"
-        "  sessionbus keys --publisher-id keys-b --metrics 127.0.0.1:9410   # a second one",
+        "  sessionbus keys --publisher-id keys-b --metrics 127.0.0.1:9408   # a second one",
         exit_codes,
     )
     p.add_argument("--rotate-every", type=_seconds, default=DEFAULT_ROTATE_EVERY,
@@ -96,6 +97,10 @@ def register(sub: Any, exit_codes: str) -> None:
     p.set_defaults(func=main)
 
 
+NO_SIGNING_KEY = ("no ring signing key: pass --ring-signing-key-file or set "
+                  "SESSIONBUS_RING_SIGNING_KEY_FILE (`sessionbus bus-key signing-key`)")
+
+
 def main(args: argparse.Namespace) -> int:
     common = common_from_args(args)
     try:
@@ -107,14 +112,25 @@ def main(args: argparse.Namespace) -> int:
                           .replace("announce ahead", "--announce-ahead")
                           .replace("keep must", "--keep must")) from None
     publisher_id = args.publisher_id or default_publisher_id()
+    if args.check:
+        topo = common.topology
+
+        def signing_key() -> str:
+            if not common.keys().can_sign_rings:
+                raise ConfigError(NO_SIGNING_KEY)
+            return f"{common.ring_signing_key_file} signs rings"
+
+        return run_check("keys", common, [("ring signing key", signing_key)], Needs(
+            exchanges=[topo.keys_exchange], queues=[topo.key_stream],
+            read_streams=[topo.key_stream],
+        ))
+    metrics = role_metrics("keys")
+    start_metrics(common.metrics, metrics)  # listeners before anything else
     keys = common.keys()
     if not keys.can_sign_rings:
-        raise ConfigError("no ring signing key: pass --ring-signing-key-file or set "
-                          "SESSIONBUS_RING_SIGNING_KEY_FILE (`sessionbus bus-key signing-key`)")
+        raise ConfigError(NO_SIGNING_KEY)
 
     async def serve(stop: asyncio.Event) -> int:
-        metrics = role_metrics("keys")
-        start_metrics(common.metrics, metrics)
         publisher = KeyPublisher(
             PublisherSettings(publisher_id=publisher_id, timeline=timeline),
             common.broker, keys, common.topology, metrics=metrics,

@@ -8,8 +8,10 @@ import logging
 import ssl
 from typing import Any
 
-from sessionbus.cli.commands._common import role_metrics, start_metrics, subparser, until_stopped
+from sessionbus.cli.check import Needs, core_needs, free_address, run_check
+from sessionbus.cli.commands._common import role_metrics, subparser, until_stopped
 from sessionbus.cli.config import (
+    Common,
     ConfigError,
     add_common,
     common_from_args,
@@ -17,8 +19,8 @@ from sessionbus.cli.config import (
     host_port,
 )
 from sessionbus.cli.config import node_id as node_id_type
-from sessionbus.cli.runtime import run
-from sessionbus.producer.node import Node, NodeSettings, TicketMode
+from sessionbus.cli.runtime import bind_tcp, run, start_metrics
+from sessionbus.producer.node import Node, NodeSettings, TicketMode, make_context
 from sessionbus.producer.openssl import BindingError
 from sessionbus.producer.outbox import OutboxSettings
 
@@ -33,7 +35,7 @@ def register(sub: Any, exit_codes: str) -> None:
         "HTTP request with 200 and its node id.",
         "  sessionbus node --node-id a --listen 127.0.0.1:8443 --cert c.pem --key k.pem\n"
         "  sessionbus node --node-id b --listen 0.0.0.0:443 --cert c.pem --key k.pem \\\n"
-        "      --upstream 127.0.0.1:8080 --tickets stateless --metrics 127.0.0.1:9401",
+        "      --upstream 127.0.0.1:8080 --tickets stateless --metrics 127.0.0.1:9402",
         exit_codes,
     )
     p.add_argument("--node-id", required=True, type=node_id_type,
@@ -78,22 +80,23 @@ def main(args: argparse.Namespace) -> int:
         replication=not args.no_replication,
         outbox=OutboxSettings(min_interval=args.linger),
     )
+    if args.check:
+        return check(common, settings)
+    # Listeners first, before the certificate, the bus or any task: a taken port is one line
+    # and exit 3 at once (a node that cannot listen must not look alive).
+    sock = bind_tcp(args.listen[0], args.listen[1], "--listen")
+    metrics = role_metrics("node")
+    start_metrics(common.metrics, metrics)
     keys = common.keys()
 
     async def serve(stop: asyncio.Event) -> int:
         try:
-            metrics = role_metrics("node")
             node = Node(settings, common.broker, keys, common.topology, metrics=metrics)
         except (ssl.SSLError, OSError) as exc:
             raise ConfigError(f"cannot load certificate/key: {exc.strerror or exc}") from None
         except BindingError as exc:
             raise ConfigError(str(exc)) from None
-        try:
-            await node.start()
-        except OSError as exc:
-            raise ConfigError(f"cannot listen on {args.listen[0]}:{args.listen[1]}: "
-                              f"{exc.strerror}") from None
-        start_metrics(common.metrics, metrics)
+        await node.start(sock)
         print(f"node {settings.node_id} listening on {node.address[0]}:{node.address[1]}",
               flush=True)
         code = await until_stopped(stop, node.supervisor)
@@ -101,3 +104,25 @@ def main(args: argparse.Namespace) -> int:
         return code
 
     return run(serve)
+
+
+def check(common: Common, settings: NodeSettings) -> int:
+    def certificate() -> str:
+        try:
+            make_context(settings)
+        except (ssl.SSLError, OSError) as exc:
+            raise ConfigError(f"cannot load certificate/key: {exc.strerror or exc}") from None
+        return f"{settings.cert} and {settings.key} load"
+
+    needs: Needs | None = None
+    if settings.replication or settings.tickets is TicketMode.STATELESS:
+        needs = core_needs(common.topology)
+        if settings.replication:
+            needs.read_streams.append(common.topology.session_stream)
+        if settings.tickets is TicketMode.STATELESS:
+            needs.queues.append(common.topology.key_stream)
+            needs.read_streams.append(common.topology.key_stream)
+    return run_check("node", common, [
+        ("certificate", certificate),
+        ("--listen", free_address("--listen", (settings.host, settings.port))),
+    ], needs)

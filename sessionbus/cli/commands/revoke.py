@@ -8,10 +8,11 @@ import sys
 import time
 from typing import Any
 
-from sessionbus.bus.connection import connect
 from sessionbus.cli.commands._common import subparser
 from sessionbus.cli.config import add_common, common_from_args
 from sessionbus.cli.config import node_id as node_id_type
+from sessionbus.cli.exit_codes import RET_FAILURE, RET_OK
+from sessionbus.cli.runtime import connect_now
 from sessionbus.producer.outbox import Outbox
 from sessionbus.schemas.events import RemoveReason
 
@@ -42,7 +43,7 @@ def register(sub: Any, exit_codes: str) -> None:
                    "lifetime (default %(default)s)")
     p.add_argument("--origin", type=node_id_type, default="revoke",
                    help="origin id of the REMOVE events (not a node's id; default %(default)s)")
-    add_common(p)
+    add_common(p, check=False)
     p.set_defaults(func=main)
 
 
@@ -51,11 +52,7 @@ def main(args: argparse.Namespace) -> int:
     keys = common.keys()
 
     async def go() -> int:
-        try:
-            conn = await connect(common.broker)
-        except ConnectionError as exc:
-            print(f"sessionbus revoke: {exc}", file=sys.stderr)
-            return 4
+        conn = await connect_now(common, declare=False)
         outbox = Outbox(args.origin, common.topology, keys)
         task = asyncio.get_running_loop().create_task(outbox.run(conn))
         expires = time.time() + args.max_lifetime
@@ -67,9 +64,9 @@ def main(args: argparse.Namespace) -> int:
         if not ok:
             print("sessionbus revoke: the broker did not confirm the revocation",
                   file=sys.stderr)
-            return 1
+            return RET_FAILURE
         for sid in args.session_id:
             print(f"revoked {sid.hex()}")
-        return 0
+        return RET_OK
 
     return asyncio.run(go())

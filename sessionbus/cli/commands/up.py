@@ -15,7 +15,14 @@ from typing import Any
 from sessionbus.bus.connection import connect
 from sessionbus.cli.commands._common import subparser
 from sessionbus.cli.config import ConfigError, add_common, common_from_args, existing_file
-from sessionbus.cli.local_farm import Farm, FarmSettings
+from sessionbus.cli.exit_codes import RET_BROKER, RET_CONFIG, RET_FAILURE, RET_OK
+from sessionbus.cli.local_farm import (
+    Farm,
+    FarmRunning,
+    FarmSettings,
+    check_ports_free,
+    lock_directory,
+)
 
 
 def register(sub: Any, exit_codes: str) -> None:
@@ -36,7 +43,7 @@ def register(sub: Any, exit_codes: str) -> None:
     p.add_argument("--key", type=existing_file)
     p.add_argument("--tickets", choices=["stateful", "stateless", "off"], default="stateful")
     p.add_argument("--rotate-every", type=int, default=3600, metavar="SECONDS")
-    add_common(p, bus_key=False)
+    add_common(p, bus_key=False, check=False)
     p.set_defaults(func=main)
 
 
@@ -61,11 +68,6 @@ def main(args: argparse.Namespace) -> int:
         await conn.close()
         return None
 
-    problem = asyncio.run(probe())
-    if problem:
-        print(f"sessionbus up: {problem} (is RabbitMQ running? `rabbitmq-server -detached`)",
-              file=sys.stderr)
-        return 4
     env = {**os.environ, "SESSIONBUS_AMQP_URL": common.broker.url,
            "SESSIONBUS_PREFIX": common.topology.prefix, "SESSIONBUS_LOG_LEVEL": args.log_level}
     settings = FarmSettings(
@@ -73,6 +75,17 @@ def main(args: argparse.Namespace) -> int:
         metrics_base=args.metrics_base_port, cert=args.cert and Path(args.cert),
         key=args.key and Path(args.key), rotate_every=args.rotate_every, tickets=args.tickets,
     )
+    try:
+        lock_directory(settings.directory)  # held until this process exits
+        check_ports_free(settings)
+    except FarmRunning as exc:
+        print(f"sessionbus up: {exc}", file=sys.stderr)
+        return RET_CONFIG
+    problem = asyncio.run(probe())
+    if problem:
+        print(f"sessionbus up: {problem} (is RabbitMQ running? `rabbitmq-server -detached`)",
+              file=sys.stderr)
+        return RET_BROKER
     farm = Farm(settings, env)
     stopping = []
     signal.signal(signal.SIGINT, lambda *_: stopping.append(1))
@@ -86,12 +99,20 @@ def main(args: argparse.Namespace) -> int:
                 failed = farm.poll()
                 print(f"sessionbus up: {failed or 'a node'} did not start; see "
                       f"{settings.directory}/{failed or 'node-1'}.log", file=sys.stderr)
-                return 1
+                return RET_FAILURE
             time.sleep(0.2)
         print("sessionbus farm is up:")
         for line in lines:
             print("  " + line)
         a, b = ports[0], ports[min(1, len(ports) - 1)]
+        print("\nrun more roles against this farm (a consumer, `sessionbus events`) with:")
+        for name in ("SESSIONBUS_BUS_KEY_FILE", "SESSIONBUS_RING_PUBLIC_KEY_FILE",
+                     "SESSIONBUS_ANY_ORIGIN_USERS"):
+            print(f"  export {name}={farm.env[name]}")
+        if common.topology.prefix != "sessionbus":
+            print(f"  export SESSIONBUS_PREFIX={common.topology.prefix}")
+        free = max(settings.metrics_base + 30, settings.metrics_base + 2 + settings.nodes)
+        print(f"  (their --metrics: a port the farm does not use, e.g. 127.0.0.1:{free})")
         print("\nwatch a session made on one node resume on another:")
         # -ign_eof with a request: a TLS 1.3 ticket arrives after the handshake, and s_client
         # must still be reading when it does or -sess_out saves a session without it.
@@ -104,9 +125,9 @@ def main(args: argparse.Namespace) -> int:
             if gone:
                 print(f"sessionbus up: {gone} exited; stopping the farm (see "
                       f"{settings.directory}/{gone}.log)", file=sys.stderr)
-                return 1
+                return RET_FAILURE
             time.sleep(0.5)
         print("stopping...", flush=True)
-        return 0
+        return RET_OK
     finally:
         farm.stop()

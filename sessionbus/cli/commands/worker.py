@@ -5,14 +5,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from typing import Any
 
-from sessionbus.bus.connection import connect
-from sessionbus.bus.topology import declare_core
-from sessionbus.cli.commands._common import role_metrics, start_metrics, subparser, until_stopped
+from sessionbus.cli.check import consumer_needs, run_check
+from sessionbus.cli.commands._common import role_metrics, subparser, until_stopped
 from sessionbus.cli.config import ConfigError, add_common, common_from_args
-from sessionbus.cli.runtime import run
+from sessionbus.cli.runtime import connect_now, run, start_metrics
 from sessionbus.consumer.farm_stats import farm_stats
 from sessionbus.consumer.worker import ImportStringError, Worker, load_consumer
 
@@ -23,12 +23,13 @@ def register(sub: Any, exit_codes: str) -> None:
     p = subparser(
         sub, "worker", "run custom consumers",
         "Run consumers given by import string (package.module:attr, each a "
-        "sessionbus.consumer.api.Consumer) in one process, plus the built-in farm statistics "
-        "(sessionbus_farm_lookups_total: local and cross-node resumptions). SIGTERM/SIGINT "
-        "stops consuming and lets in-flight handlers finish within --drain-timeout; a second "
-        "signal exits at once.",
+        "sessionbus.consumer.api.Consumer) in one process; an import string resolves from "
+        "the working directory first, then the installed packages. Also runs the built-in "
+        "farm statistics (sessionbus_farm_lookups_total: local and cross-node "
+        "resumptions). SIGTERM/SIGINT stops consuming and lets in-flight handlers finish "
+        "within --drain-timeout; a second signal exits at once.",
         "  sessionbus worker --consumer examples.resumptions_per_origin:consumer \\\n"
-        "      --metrics 127.0.0.1:9400\n"
+        "      --metrics 127.0.0.1:9430\n"
         "  sessionbus worker --consumer myapp.audit:consumer --consumer myapp.siem:consumer",
         exit_codes,
     )
@@ -41,7 +42,8 @@ def register(sub: Any, exit_codes: str) -> None:
 
 def main(args: argparse.Namespace) -> int:
     common = common_from_args(args)
-    sys.path.insert(0, ".")  # import strings name the user's own modules
+    # Import strings name the user's own modules: the working directory comes first.
+    sys.path.insert(0, os.getcwd())
     try:
         consumers = [load_consumer(s) for s in args.consumer]
     except ImportStringError as exc:
@@ -51,20 +53,15 @@ def main(args: argparse.Namespace) -> int:
         consumers.append(farm_stats(metrics))
     if not consumers:
         raise ConfigError("nothing to run: give --consumer or drop --no-stats")
+    if args.check:
+        return run_check("worker", common, [], consumer_needs(common.topology, consumers))
+    start_metrics(common.metrics, metrics)  # listeners before anything else
     keys = common.keys()
 
     async def serve(stop: asyncio.Event) -> int:
-        try:
-            conn = await connect(common.broker, on_state=metrics.bus.broker_state)
-        except ConnectionError as exc:
-            print(f"sessionbus worker: {exc}", file=sys.stderr)
-            return 4
-        channel = await conn.channel()
-        await declare_core(channel, common.topology)
-        await channel.close()
+        conn = await connect_now(common, metrics)
         worker = Worker(conn, common.topology, keys, consumers, metrics=metrics)
         await worker.start()
-        start_metrics(common.metrics, metrics)
         print(f"worker running {', '.join(c.name for c in consumers)}", flush=True)
         code = await until_stopped(stop, worker.supervisor)
         drained = await worker.stop(args.drain_timeout)

@@ -39,8 +39,9 @@ from sessionbus.servers.cache.connection import (
 )
 from sessionbus.servers.cache.h2o_tickets import H2oTicketRing
 from sessionbus.servers.cache.memcache import MemcacheConnection
+from sessionbus.servers.cache.push import PushServer
 from sessionbus.servers.cache.redis import RedisConnection
-from sessionbus.servers.cache.store import Store
+from sessionbus.servers.cache.store import OPAQUE_SID_CTX, Store
 from sessionbus.tasks import Supervisor
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,7 @@ class CacheSettings:
     max_replica_entries: int = 1_000_000
     max_replica_bytes: int = 512 * 2**20
     h2o_tickets: bool = False  # follow the key ring and serve it to h2o (h2o_tickets.py)
+    push: tuple[str, int] | None = None  # push subscriptions (servers/cache/push.py: ATS)
     access: AccessPolicy = AccessPolicy()  # noqa: RUF009 - frozen
     # Answer a TLS session's set at once and validate, store and publish it after (issue 19).
     defer_sets: bool = True
@@ -121,6 +123,7 @@ class CacheFront:
             self.store.h2o_tickets = H2oTicketRing()
         self.connections = Connections(settings.limits, metrics.cache, settings.access)
         self._servers: dict[str, Listener] = {}
+        self.push: PushServer | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
     def address(self, protocol: str) -> tuple[str, int]:
@@ -154,6 +157,15 @@ class CacheFront:
         except OSError:
             await self.stop(0.5)
             raise
+        if self.settings.push is not None:
+            self.push = PushServer(self.cache, self.settings.node_id, self.metrics.cache,
+                                   opaque_sid_ctx=OPAQUE_SID_CTX, access=self.settings.access)
+            try:
+                await self.push.start(*self.settings.push)
+            except OSError:
+                await self.stop(0.5)
+                raise
+            log.info("cache %s: push on %s:%d", self.settings.node_id, *self.push.address())
         self._tasks.append(self.supervisor.spawn(self._housekeeping(), "cache-housekeeping"))
 
     async def _follow_keys(self, conn: AbstractRobustConnection) -> None:
@@ -178,6 +190,8 @@ class CacheFront:
     async def stop(self, drain_timeout: float = 5.0) -> None:
         for server in self._servers.values():
             server.close()
+        if self.push is not None:
+            await self.push.stop()
         self.connections.close_all()
         self.store.drain()  # sets answered STORED are stored and published before the end
         await self.bus.flush_and_stop_replica(drain_timeout)

@@ -42,16 +42,21 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, data: bytes, *, mode: int = 0o600) -> bool:
+def write_atomic(path: Path, data: bytes, *, mode: int = 0o600, gid: int | None = None) -> bool:
     """Replace ``path`` with ``data``; return False (and write nothing) if it already holds it.
 
     The False return lets callers skip a server reload.  When the content is unchanged but the
-    file's permission bits differ from ``mode``, they are corrected in place.
+    file's permission bits (or group, with ``gid``) differ, they are corrected in place.  With
+    ``gid`` the file gets that group before it is renamed into place (a server reading as a
+    member of the group never meets a file it cannot open).
     """
     path = Path(path)
     directory = path.parent
     if _same_content(path, data):
-        if stat.S_IMODE(os.lstat(path).st_mode) != mode:
+        st = os.lstat(path)
+        if gid is not None and st.st_gid != gid:
+            os.chown(path, -1, gid, follow_symlinks=False)
+        if stat.S_IMODE(st.st_mode) != mode:
             os.chmod(path, mode)
         return False
 
@@ -60,6 +65,8 @@ def write_atomic(path: Path, data: bytes, *, mode: int = 0o600) -> bool:
     fd = os.open(tmp, flags, mode)
     try:
         try:
+            if gid is not None:
+                os.fchown(fd, -1, gid)
             os.fchmod(fd, mode)  # the umask may have taken bits off; never adds any
             view = memoryview(data)
             while view:

@@ -63,9 +63,11 @@ __all__ = [
     "HAPROXY_FILE",
     "HAPROXY_TLS_TICKETS_NO",
     "HTTPD_FILE",
+    "RELOAD_LATENCY",
     "KeyFileError",
     "KeyFileFormat",
     "RenderedKeys",
+    "announce_ahead",
     "render",
     "slot_file_name",
 ]
@@ -92,6 +94,28 @@ class KeyFileFormat(StrEnum):
     ATS = "ats"
     ENVOY = "envoy"
     HTTPD = "httpd"
+
+
+# Seconds from a changed key file to the server encrypting with it, where it is known to be
+# more than a moment. Traffic Server 9.2 applies `traffic_ctl config reload` on a periodic task:
+# write-to-load took 0-8.5 s on Debian's 9.2.9, so ~10 s. A ring announcing keys less than this
+# ahead lets peers encrypt under a key this server does not hold yet.
+RELOAD_LATENCY: dict[KeyFileFormat, float] = {KeyFileFormat.ATS: 10.0}
+
+
+def announce_ahead(ring: KeyRing) -> float | None:
+    """How long before it encrypts the ring's newest key was announced (None: nothing to judge).
+
+    A farm's very first key is announced as it begins (nothing encrypted before it): a
+    one-key ring with no lead time says nothing about the publisher's --announce-ahead.
+    """
+    if not ring.keys:
+        return None
+    newest = max(ring.keys, key=lambda k: (k.published_at, k.encrypt_from))
+    ahead = newest.encrypt_from - newest.published_at
+    if len(ring.keys) == 1 and ahead <= 0:
+        return None
+    return max(ahead, 0.0)
 
 
 @dataclass(frozen=True, slots=True)

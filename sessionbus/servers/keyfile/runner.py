@@ -15,15 +15,28 @@ working, and ``sessionbus_ticket_key_newest_age_seconds`` grows.
 
 The command runs without a shell (``shlex`` split; give ``sh -c '...'`` for one), with stdin and
 stdout closed, in its own process group, killed after a timeout.  A failure (non-zero exit, a
-signal, the timeout, a command that cannot start) is logged with its exit status and at most the
-first line of its standard error, counted in ``sessionbus_keyfile_command_failures_total``, and
-retried: at the next change, or after a backoff (1 s doubling to 30 s) if no change comes first.
+signal, the timeout, a command that cannot start) is logged with its exit status and up to
+``STDERR_LINES`` lines of its standard error (Traffic Server's ``NOTE:`` chatter, such as
+``traffic_ctl``'s "using command line path as RUNROOT", left out), counted in
+``sessionbus_keyfile_command_failures_total``, and retried: at the next change, or after a
+backoff (1 s doubling to 30 s) if no change comes first.
 
 HAProxy can also take a rotation without a reload: with a stats socket, the runner reads the
 live keys (``show tls-keys``) and, when the new file is the live ring moved on by one or more
 positions, pushes the new keys with ``set ssl tls-key``.  Any other change (a key announced while
 none was) cannot go through that API without a moment where a filler key encrypts, so it is left
 to the command.
+
+Traffic Server (``--format ats``) rereads its key file only when the file's mtime is later than
+the wall-clock second of its last load (9.2 ``SSLConfig.cc`` ``LoadTicket``: skipped when
+``st_mtime <= last_load_time``). Any load that read the old content happened before the rename,
+so in a second at most the write's: the file's mtime is set to the next whole second after the
+write, which no such load can equal. ATS also applies a reload seconds later (``RELOAD_LATENCY``):
+a ring announcing keys less than that ahead is warned about at start and shown by
+``sessionbus_keyfile_announce_ahead_short``.
+
+With ``group``/``mode`` (``--group trafficserver --mode 0640``) the files are written with that
+group and mode, for a server that runs as another user; both are checked at start.
 
 Nothing here logs or raises key material: messages name files, counts, ring sequence numbers and
 times only.
@@ -55,8 +68,10 @@ from sessionbus.servers.keyfile.atomic_files import check_private_dir, write_ato
 from sessionbus.servers.keyfile.formats import (
     HAPROXY_FILE,
     HAPROXY_TLS_TICKETS_NO,
+    RELOAD_LATENCY,
     KeyFileError,
     KeyFileFormat,
+    announce_ahead,
     render,
 )
 from sessionbus.tasks import Supervisor
@@ -68,6 +83,7 @@ __all__ = [
     "KeyfileRunner",
     "KeyfileSettings",
     "WriteResult",
+    "check_group_mode",
     "command_env",
     "haproxy_shift",
     "run_command",
@@ -75,7 +91,11 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-STDERR_LINE_MAX = 200  # characters of the command's first stderr line that reach the log
+STDERR_LINE_MAX = 200  # characters of each stderr line of the command that reach the log
+STDERR_LINES = 3  # stderr lines of a failed command that reach the log
+# Lines a command prints that say nothing about a failure (traffic_ctl: "NOTE: using command
+# line path as RUNROOT", always first with --run-root).
+_NOISE = re.compile(r"^\[?[^\]]*\]?\s*(?:NOTE|STATUS|DIAG|DEBUG):|^NOTE:")
 RETRY_MIN = 1.0
 RETRY_MAX = 30.0
 WARN_EVERY = 60.0  # the same render warning is logged again at most this often
@@ -91,6 +111,53 @@ class KeyfileSettings:
     haproxy_socket: Path | None = None  # HAProxy's stats socket (level admin): no reload
     haproxy_ref: str | None = None  # the tls-ticket-keys path as HAProxy's config spells it
     tick: float = 1.0  # render at least this often (seconds)
+    mode: int = 0o600  # the key files' permission bits
+    gid: int | None = None  # the key files' group (None: ours)
+
+
+def check_group_mode(out: Path, mode: int, gid: int | None) -> None:
+    """Raise :class:`KeyFileError` unless files of ``mode``/``gid`` in ``out`` are safe and usable.
+
+    Safe: no bit for others, nothing executable, the owner can read and write. Usable: with a
+    group, we may give files that group (root, or a member), and the group can reach ``out``
+    (the directory is of that group and group-searchable), else the server could never open them.
+    """
+    if mode & ~0o7777 or mode & 0o007:
+        raise KeyFileError(f"--mode {mode:04o}: key files must give others no access")
+    if mode & 0o111 or mode & 0o7000:
+        raise KeyFileError(f"--mode {mode:04o}: key files are data (no execute or special bits)")
+    if mode & 0o600 != 0o600:
+        raise KeyFileError(f"--mode {mode:04o}: the owner must read and write its key files")
+    if mode & 0o020:
+        raise KeyFileError(f"--mode {mode:04o}: the group must not write the key files")
+    if gid is None:
+        if mode & 0o070:
+            raise KeyFileError(f"--mode {mode:04o} gives a group access: give --group too")
+        return
+    if os.geteuid() != 0 and gid not in (os.getegid(), *os.getgroups()):
+        raise KeyFileError(f"--group {_group_name(gid)}: this user is not a member of that "
+                           "group, so cannot give it the key files")
+    if not mode & 0o040:
+        raise KeyFileError(f"--group {_group_name(gid)} with --mode {mode:04o}: the group "
+                           "cannot read the files (use --mode 0640)")
+    try:
+        st = os.stat(out)
+    except OSError as exc:
+        raise KeyFileError(f"{out}: {exc.strerror or type(exc).__name__}") from None
+    if st.st_gid != gid or not st.st_mode & 0o010:
+        raise KeyFileError(
+            f"{out}: group {_group_name(gid)} cannot reach the key files (the directory must "
+            f"be of that group with mode 0750: chgrp {_group_name(gid)} {out}; "
+            f"chmod 0750 {out})")
+
+
+def _group_name(gid: int) -> str:
+    import grp
+
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
 
 
 # --- writing ------------------------------------------------------------------------------------
@@ -117,31 +184,37 @@ class KeyFileWriter:
         changed: list[str] = []
         for name, data in rendered.files.items():
             path = self.settings.out / name
-            before = _mtime_ns(path) if self.fmt is KeyFileFormat.ATS else None
-            if write_atomic(path, data):
+            before = _mtime_s(path) if self.fmt is KeyFileFormat.ATS else None
+            if write_atomic(path, data, mode=self.settings.mode, gid=self.settings.gid):
                 changed.append(name)
-                if before is not None:
-                    _advance_mtime_second(path, before)
+                if self.fmt is KeyFileFormat.ATS:
+                    ats_mtime(path, before)
         return WriteResult(changed, len(rendered.files), rendered.warnings)
 
 
-def _mtime_ns(path: Path) -> int | None:
+def _mtime_s(path: Path) -> int | None:
     try:
-        return os.stat(path).st_mtime_ns
+        return os.stat(path).st_mtime_ns // 1_000_000_000
     except FileNotFoundError:
         return None
 
 
-def _advance_mtime_second(path: Path, before_ns: int | None) -> None:
-    """Traffic Server rereads its ticket key file only when the mtime's whole second advances:
-    a second write within the same second would go unnoticed, so move the mtime on."""
-    if before_ns is None:
-        return
+def ats_mtime(path: Path, previous_s: int | None = None, now: float | None = None) -> int:
+    """Give a just-written Traffic Server key file an mtime ATS always sees as a change.
+
+    ATS 9.2 skips the file when ``st_mtime <= last_load_time``, the wall-clock second of its last
+    load. Every load that read the previous content ran before our rename, so within the second
+    of ``now`` (taken after the rename) at the latest: an mtime of the next whole second is later
+    than any of them. (Advancing only past the previous mtime is not enough: ATS may have loaded
+    in the very second this write lands in.) It is also past the previous mtime
+    (``previous_s``), so two writes within one second still differ for traffic_manager, which
+    notices a changed file by its mtime. Returns the mtime set, in seconds.
+    """
+    t = time.time() if now is None else now
+    target = max(int(t) + 1, (previous_s or 0) + 1)
     st = os.stat(path)
-    before_s = before_ns // 1_000_000_000
-    if st.st_mtime_ns // 1_000_000_000 <= before_s:
-        target = (before_s + 1) * 1_000_000_000
-        os.utime(path, ns=(st.st_atime_ns, target))
+    os.utime(path, ns=(st.st_atime_ns, target * 1_000_000_000))
+    return target
 
 
 # --- the on-change command ----------------------------------------------------------------------
@@ -151,21 +224,36 @@ def _advance_mtime_second(path: Path, before_ns: int | None) -> None:
 class CommandResult:
     ok: bool
     status: str  # "exit 0", "exit 1", "signal 9", "timed out after 30 s", "cannot start: ..."
-    stderr_line: str  # at most the first line of standard error, shortened
+    stderr_line: str  # up to STDERR_LINES lines of standard error, noise left out, " | "-joined
 
     def describe(self) -> str:
         return f"{self.status}: {self.stderr_line}" if self.stderr_line else self.status
+
+
+def _printable(line: str) -> str:
+    printable = "".join(c if c.isprintable() else "?" for c in line)
+    if len(printable) > STDERR_LINE_MAX:
+        printable = printable[:STDERR_LINE_MAX] + "..."
+    return printable
 
 
 def _first_line(data: bytes) -> str:
     for raw in data.splitlines():
         line = raw.decode("utf-8", "replace").strip()
         if line:
-            printable = "".join(c if c.isprintable() else "?" for c in line)
-            if len(printable) > STDERR_LINE_MAX:
-                printable = printable[:STDERR_LINE_MAX] + "..."
-            return printable
+            return _printable(line)
     return ""
+
+
+def stderr_lines(data: bytes, limit: int = STDERR_LINES) -> str:
+    """Up to ``limit`` meaningful lines of a command's stderr, " | "-joined (notes left out;
+    if every line is a note, the first one, so the log still shows something)."""
+    lines = [ln.strip() for ln in data.decode("utf-8", "replace").splitlines() if ln.strip()]
+    kept = [_printable(ln) for ln in lines if not _NOISE.match(ln)][:limit]
+    if not kept and lines:
+        kept = [_printable(lines[0])]
+    more = len([ln for ln in lines if not _NOISE.match(ln)]) - len(kept)
+    return " | ".join(kept) + (f" (+{more} more line(s))" if more > 0 else "")
 
 
 def command_env(settings: KeyfileSettings) -> dict[str, str]:
@@ -206,7 +294,7 @@ async def run_command(
     code = proc.returncode
     assert code is not None
     status = f"exit {code}" if code >= 0 else f"signal {-code}"
-    return CommandResult(code == 0, status, _first_line(err or b""))
+    return CommandResult(code == 0, status, stderr_lines(err or b""))
 
 
 def _kill_group(pid: int) -> None:
@@ -365,6 +453,8 @@ class KeyfileRunner:
         self._retry_at = 0.0
         self._backoff = RETRY_MIN
         self._warned: dict[str, float] = {}
+        self._judged_seq: int | None = None  # the ring whose announce-ahead was last judged
+        self.announce_ahead_short = False
         # Observable state (tests, and the ready line).
         self.ready = asyncio.Event()  # set once a complete file set is on disk
         self.sets_written = 0  # renders that changed at least one file
@@ -379,6 +469,7 @@ class KeyfileRunner:
 
     async def start(self) -> None:
         check_private_dir(self.settings.out)
+        check_group_mode(self.settings.out, self.settings.mode, self.settings.gid)
         await self._follower.start()
         self._task = self.supervisor.spawn(self._loop(), "keyfile")
 
@@ -431,6 +522,7 @@ class KeyfileRunner:
 
     async def sync(self, ring: KeyRing, now: float) -> WriteResult | None:
         """Render ``ring`` for ``now``, write what changed, tell the server if needed."""
+        self._judge_announce_ahead(ring, now)
         try:
             result = self._writer.write(ring, now)
         except KeyFileError as exc:
@@ -465,6 +557,25 @@ class KeyfileRunner:
         if result.changed or first or (self._pending and time.time() >= self._retry_at):
             await self._tell_server()
         return result
+
+    def _judge_announce_ahead(self, ring: KeyRing, now: float) -> None:
+        """Warn (first ring at once, then every WARN_EVERY) and flag the metric when keys are
+        announced less far ahead than this server takes to load a changed file."""
+        latency = RELOAD_LATENCY.get(self._writer.fmt)
+        if latency is None or ring.seq == self._judged_seq:
+            return
+        first = self._judged_seq is None
+        self._judged_seq = ring.seq
+        ahead = announce_ahead(ring)
+        self.announce_ahead_short = ahead is not None and ahead < latency
+        self._m.announce_ahead_short.set(1 if self.announce_ahead_short else 0)
+        if self.announce_ahead_short:
+            self._warn(
+                f"keyfile: the ring announces keys {ahead:.1f} s before they encrypt, less than "
+                f"{self._writer.fmt.value}'s reload latency (~{latency:.0f} s): tickets other "
+                "servers mint under a new key fail to resume here until it loads; run "
+                f"`sessionbus keys` with --announce-ahead of at least {latency * 1.5:.0f}",
+                now, force=first)
 
     async def _tell_server(self) -> None:
         result: CommandResult | None = None
