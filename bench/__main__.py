@@ -36,6 +36,7 @@ BENCHMARKS: dict[str, str] = {
     "node": "bench.bench_node",
     "peer_cache": "bench.bench_peer_cache",
     "httpd_cache": "bench.bench_httpd_cache",
+    "aiohttp": "bench.bench_aiohttp",
     "ats": "bench.bench_ats",
     "fanout": "bench.bench_fanout",
 }

@@ -2,7 +2,8 @@
 
 Sessions it makes go into its replica and out as NEW events; lookups are answered from the
 replica (which the embedded replicator fills with every peer's sessions); tickets, in stateless
-mode, are sealed with the farm's key ring.  The broker is never on the handshake path: if it is
+mode, are sealed with the farm's key ring. It is a ``sessionbus.Farm`` member serving the context
+the farm attached to; the broker is never on the handshake path: if it is
 unreachable the node serves on, and events wait in the outbox until it returns.
 """
 
@@ -14,32 +15,24 @@ import logging
 import socket
 import ssl
 from dataclasses import dataclass
-from enum import StrEnum
 
-from aio_pika.abc import AbstractRobustConnection
-
-from sessionbus.bus.connection import BrokerSettings, retry
+from sessionbus.bus.connection import BrokerSettings
 from sessionbus.bus.topology import Topology
 from sessionbus.consumer.local_sessions import LocalSessions
+from sessionbus.farm import Farm, FarmSettings, TicketMode
 from sessionbus.keys.follower import KeyFollower
 from sessionbus.metrics import Metrics
 from sessionbus.producer import openssl
 from sessionbus.producer.outbox import OutboxSettings
-from sessionbus.producer.session_hooks import SessionHooks
-from sessionbus.producer.ticket_hooks import RingTicketKeys
 from sessionbus.schemas.sealing import BusKeys
 from sessionbus.tasks import Supervisor
 
 log = logging.getLogger(__name__)
 
+__all__ = ["Node", "NodeSettings", "TicketMode", "make_context"]
+
 _MAX_REQUEST_HEAD = 16 << 10
 _IDLE_TIMEOUT = 30.0
-
-
-class TicketMode(StrEnum):
-    STATEFUL = "stateful"  # TLS 1.3 "tickets" are cache ids: every resumption goes via the replica
-    STATELESS = "stateless"  # tickets sealed with the farm's key ring
-    OFF = "off"  # no tickets: TLS 1.2 session ids only, TLS 1.3 never resumes
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,19 +55,25 @@ class NodeSettings:
     def sid_ctx(self) -> bytes:
         return self.service.encode()
 
+    def farm(self) -> FarmSettings:
+        return FarmSettings(
+            node_id=self.node_id, service=self.service, session_timeout=self.session_timeout,
+            tickets=self.tickets, replication=self.replication, outbox=self.outbox,
+            max_replica_entries=self.max_replica_entries,
+            max_replica_bytes=self.max_replica_bytes,
+        )
+
 
 def make_context(settings: NodeSettings) -> ssl.SSLContext:
+    """The node's server context with its certificate (the farm's attach sets the rest)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(settings.cert, settings.key)
-    if settings.tickets is not TicketMode.STATELESS:
-        # Stateful: TLS 1.2 resumes by session id and TLS 1.3 tickets are ids in the cache.
-        ctx.options |= ssl.OP_NO_TICKET
-    if settings.tickets is TicketMode.OFF:
-        ctx.num_tickets = 0
     return ctx
 
 
 class Node:
+    """A ``sessionbus.Farm`` member serving its own attached context with asyncio streams."""
+
     def __init__(
         self,
         settings: NodeSettings,
@@ -88,34 +87,19 @@ class Node:
         if len(settings.sid_ctx) > openssl.MAX_SID_CTX:
             raise ValueError(f"service name longer than {openssl.MAX_SID_CTX} bytes")
         self.settings = settings
-        self._broker = broker
-        self._keys = keys
-        self._topo = topology
-        self.metrics = metrics = metrics or Metrics()
-        self.supervisor = supervisor = supervisor or Supervisor(metrics)
-        self.bus = LocalSessions(
-            "node", settings.node_id, topology, keys, broker,
-            replication=settings.replication, outbox=settings.outbox, sid_ctx=settings.sid_ctx,
-            session_lifetime=float(settings.session_timeout),
-            max_entries=settings.max_replica_entries, max_bytes=settings.max_replica_bytes,
-            metrics=metrics, supervisor=supervisor,
-        )
-        self.cache, self.outbox = self.bus.cache, self.bus.outbox
-        self.hooks = SessionHooks(
-            settings.node_id, settings.sid_ctx, self.cache, self.outbox,
-            stateless_tickets=settings.tickets is TicketMode.STATELESS, metrics=metrics,
-        )
-        self._handshakes = {k: metrics.node.handshakes.labels(k) for k in ("full", "resumed")}
-        self.ticket_keys = RingTicketKeys(metrics=metrics)
-        self.context = make_context(settings)
-        openssl.install_session_cache(
-            self.context, self.hooks, sid_ctx=settings.sid_ctx, timeout=settings.session_timeout
-        )
-        if settings.tickets is TicketMode.STATELESS:
-            openssl.install_ticket_keys(self.context, self.ticket_keys)
-        self.key_follower: KeyFollower | None = None
+        self.farm = Farm(settings.farm(), bus_keys=keys, broker=broker, topology=topology,
+                         metrics=metrics or Metrics(), supervisor=supervisor, role="node")
+        self.metrics, self.supervisor = self.farm.metrics, self.farm.supervisor
+        self.bus: LocalSessions = self.farm.bus
+        self.cache, self.outbox = self.farm.replica, self.farm.outbox
+        self.hooks, self.ticket_keys = self.farm.hooks, self.farm.ticket_keys
+        self.context = self.farm.attach(make_context(settings))
         self._server: asyncio.Server | None = None
         self._conns: set[asyncio.Task[None]] = set()
+
+    @property
+    def key_follower(self) -> KeyFollower | None:
+        return self.farm.key_follower
 
     @property
     def address(self) -> tuple[str, int]:
@@ -125,9 +109,7 @@ class Node:
 
     async def start(self, sock: socket.socket | None = None) -> None:
         """Serve; ``sock``, if given, is the listening socket the caller bound already."""
-        if self.settings.replication or self.settings.tickets is TicketMode.STATELESS:
-            stateless = self.settings.tickets is TicketMode.STATELESS
-            await self.bus.connect(self._follow_keys if stateless else None)
+        await self.farm.start()
         host, port = (None, None) if sock is not None else (self.settings.host, self.settings.port)
         self._server = await asyncio.start_server(
             self._serve, host, port, sock=sock, ssl=self.context,
@@ -135,14 +117,8 @@ class Node:
         )
         log.info("node %s listening on %s:%d", self.settings.node_id, *self.address)
 
-    async def _follow_keys(self, conn: AbstractRobustConnection) -> None:
-        self.key_follower = KeyFollower(conn, self._topo, self._keys,
-                                        on_ring=self.ticket_keys.update, metrics=self.metrics,
-                                        supervisor=self.supervisor)
-        await retry(self.key_follower.start, "following the key stream")
-
     async def wait_bus_ready(self, timeout: float) -> bool:
-        return await self.bus.wait_ready(timeout)
+        return await self.farm.wait_ready(timeout)
 
     async def stop(self, drain_timeout: float = 5.0) -> None:
         if self._server is not None:
@@ -151,26 +127,21 @@ class Node:
                 await asyncio.wait_for(self._server.wait_closed(), drain_timeout)
         for t in list(self._conns):
             t.cancel()
-        await self.bus.flush_and_stop_replica(drain_timeout)
-        if self.key_follower is not None:
-            await self.key_follower.stop()
-        await self.bus.close()
+        await self.farm.stop(drain_timeout)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
         self._conns.add(task)
         sslobj = writer.get_extra_info("ssl_object")
-        self._handshakes["resumed" if sslobj.session_reused else "full"].inc()
+        self.farm.handshake_done(sslobj)
         try:
             if self.settings.upstream is not None:
                 await self._forward(reader, writer, *self.settings.upstream)
             else:
                 await self._answer(reader, writer)
         except ssl.SSLError:
-            session = sslobj.session
-            if session is not None:
-                self.hooks.connection_failed(session.id)
+            self.farm.connection_failed(sslobj)
         except (OSError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
             pass
         finally:

@@ -34,6 +34,7 @@ __all__ = [
     "SessionInfo",
     "TicketKeys",
     "binding_available",
+    "check_context",
     "install_session_cache",
     "install_ticket_keys",
     "library_paths",
@@ -308,6 +309,11 @@ def _ctx_ptr(ctx: ssl.SSLContext) -> Any:
             f"disagrees with ctx.options (libssl {b.paths[0]})"
         )
     return ptr
+
+
+def check_context(ctx: ssl.SSLContext) -> None:
+    """Run the guard on ``ctx`` alone (BindingError/TypeError if the binding cannot use it)."""
+    _ctx_ptr(ctx)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,6 +4,8 @@ The public API (everything else is private by convention, and may change):
 
 - writing a custom consumer: ``Consumer``, ``EventType``, ``SessionEvent``, ``Source``
   (also importable from ``sessionbus.consumer.api``);
+- a Python TLS server joining the farm: ``Farm`` (``farm.attach(ssl_context)``; see
+  docs/servers/python.md), ``FarmSettings``, ``TicketMode``, ``AttachError``, ``FarmError``;
 - embedding sessionbus in a program: ``Node``/``NodeSettings``/``TicketMode`` (a TLS node),
   ``CacheFront``/``CacheSettings`` (a memcached/Redis session store), ``KeyPublisher``,
   ``Worker``, ``BrokerSettings``, ``Topology``, ``load_bus_keys``, ``Metrics`` (the families a
@@ -22,19 +24,24 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and editors only
     from sessionbus.bus.topology import Topology
     from sessionbus.consumer.api import Consumer, EventType, SessionEvent, Source
     from sessionbus.consumer.worker import Worker
+    from sessionbus.farm import AttachError, Farm, FarmError, FarmSettings, TicketMode
     from sessionbus.keys.publisher import KeyPublisher
     from sessionbus.metrics import Metrics
-    from sessionbus.producer.node import Node, NodeSettings, TicketMode
+    from sessionbus.producer.node import Node, NodeSettings
     from sessionbus.schemas.sealing import load_bus_keys
     from sessionbus.servers.cache.front import CacheFront, CacheSettings
     from sessionbus.tasks import Supervisor
 
 _WHERE = {
+    "AttachError": "sessionbus.farm",
     "BrokerSettings": "sessionbus.bus.connection",
     "CacheFront": "sessionbus.servers.cache.front",
     "CacheSettings": "sessionbus.servers.cache.front",
     "Consumer": "sessionbus.consumer.api",
     "EventType": "sessionbus.consumer.api",
+    "Farm": "sessionbus.farm",
+    "FarmError": "sessionbus.farm",
+    "FarmSettings": "sessionbus.farm",
     "KeyPublisher": "sessionbus.keys.publisher",
     "Metrics": "sessionbus.metrics",
     "Node": "sessionbus.producer.node",
@@ -42,18 +49,22 @@ _WHERE = {
     "SessionEvent": "sessionbus.consumer.api",
     "Source": "sessionbus.consumer.api",
     "Supervisor": "sessionbus.tasks",
-    "TicketMode": "sessionbus.producer.node",
+    "TicketMode": "sessionbus.farm",
     "Topology": "sessionbus.bus.topology",
     "Worker": "sessionbus.consumer.worker",
     "load_bus_keys": "sessionbus.schemas.sealing",
 }
 
 __all__ = [
+    "AttachError",
     "BrokerSettings",
     "CacheFront",
     "CacheSettings",
     "Consumer",
     "EventType",
+    "Farm",
+    "FarmError",
+    "FarmSettings",
     "KeyPublisher",
     "Metrics",
     "Node",

@@ -84,6 +84,20 @@ def pytest_runtest_protocol(item: pytest.Item) -> Generator[None, None, None]:
         signal.signal(signal.SIGALRM, previous)
 
 
+# --- the event loop: SESSIONBUS_TEST_LOOP=uvloop runs async tests, and every sessionbus
+# process a test starts (SESSIONBUS_LOOP), on uvloop; CI runs the loop-sensitive files both ways.
+
+if os.environ.get("SESSIONBUS_TEST_LOOP", "asyncio") == "uvloop":
+    import uvloop
+
+    os.environ["SESSIONBUS_LOOP"] = "uvloop"
+
+    def pytest_asyncio_loop_factories(
+        config: pytest.Config, item: pytest.Item
+    ) -> dict[str, Callable[[], object]]:
+        return {"uvloop": uvloop.new_event_loop}
+
+
 # --- bus keys ---------------------------------------------------------------------------------
 
 

@@ -101,4 +101,21 @@ def run(main: Callable[[asyncio.Event], Awaitable[int]]) -> int:
             loop.add_signal_handler(s, on_signal, s)
         return await main(stop)
 
-    return asyncio.run(runner())
+    with asyncio.Runner(loop_factory=loop_factory()) as runner_:
+        return runner_.run(runner())
+
+
+def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """``SESSIONBUS_LOOP=uvloop`` runs a command on uvloop (pip install 'sessionbus[uvloop]')."""
+    from sessionbus.cli.config import ConfigError
+
+    name = os.environ.get("SESSIONBUS_LOOP", "asyncio")
+    if name == "asyncio":
+        return None
+    if name != "uvloop":
+        raise ConfigError("SESSIONBUS_LOOP must be asyncio or uvloop")
+    try:
+        import uvloop
+    except ImportError:
+        raise ConfigError("SESSIONBUS_LOOP=uvloop but uvloop is not installed") from None
+    return uvloop.new_event_loop

@@ -95,6 +95,10 @@ def register(sub: Any, exit_codes: str) -> None:
                    "counting and dropping a bad value after")
     p.add_argument("--no-replication", action="store_true",
                    help="a local store only: no broker, no peers (for comparison)")
+    p.add_argument("--h2o-tickets", action="store_true",
+                   help="follow the farm's ticket-key ring (run `sessionbus keys`) and serve "
+                   "it read-only to h2o's `ticket-store: memcached` as h2o:ssl-session-key "
+                   "(the keys are secrets: only h2o may reach this listener)")
     add_common(p)
     p.set_defaults(func=main)
 
@@ -132,6 +136,7 @@ def main(args: argparse.Namespace) -> int:
         limits=FrontLimits(max_connections=args.max_connections,
                            idle_timeout=args.idle_timeout),
         outbox=replace(CACHE_OUTBOX, min_interval=args.linger), push=args.push,
+        h2o_tickets=args.h2o_tickets,
         access=AccessPolicy(
             allow_remote=args.allow_remote,
             uids=frozenset(_uid(u) for u in args.allow_uid) if args.allow_uid else None,

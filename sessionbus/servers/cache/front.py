@@ -20,9 +20,12 @@ import logging
 import time
 from dataclasses import dataclass
 
-from sessionbus.bus.connection import BrokerSettings
+from aio_pika.abc import AbstractRobustConnection
+
+from sessionbus.bus.connection import BrokerSettings, retry
 from sessionbus.bus.topology import Topology
 from sessionbus.consumer.local_sessions import LocalSessions
+from sessionbus.keys.follower import KeyFollower
 from sessionbus.metrics import Metrics
 from sessionbus.producer.outbox import OutboxSettings
 from sessionbus.schemas.sealing import BusKeys
@@ -34,6 +37,7 @@ from sessionbus.servers.cache.connection import (
     Listener,
     precreate,
 )
+from sessionbus.servers.cache.h2o_tickets import H2oTicketRing
 from sessionbus.servers.cache.memcache import MemcacheConnection
 from sessionbus.servers.cache.push import PushServer
 from sessionbus.servers.cache.redis import RedisConnection
@@ -66,6 +70,7 @@ class CacheSettings:
     outbox: OutboxSettings = CACHE_OUTBOX
     max_replica_entries: int = 1_000_000
     max_replica_bytes: int = 512 * 2**20
+    h2o_tickets: bool = False  # follow the key ring and serve it to h2o (h2o_tickets.py)
     push: tuple[str, int] | None = None  # push subscriptions (servers/cache/push.py: ATS)
     access: AccessPolicy = AccessPolicy()  # noqa: RUF009 - frozen
     # Answer a TLS session's set at once and validate, store and publish it after (issue 19).
@@ -113,6 +118,9 @@ class CacheFront:
             max_value=settings.limits.max_value,
             services=settings.access.services, defer=settings.defer_sets, metrics=metrics.cache,
         )
+        self.key_follower: KeyFollower | None = None
+        if settings.h2o_tickets:
+            self.store.h2o_tickets = H2oTicketRing()
         self.connections = Connections(settings.limits, metrics.cache, settings.access)
         self._servers: dict[str, Listener] = {}
         self.push: PushServer | None = None
@@ -128,8 +136,8 @@ class CacheFront:
 
     async def start(self) -> None:
         store, conns = self.store, self.connections
-        if self.settings.replication:
-            await self.bus.connect()
+        if self.settings.replication or self.settings.h2o_tickets:
+            await self.bus.connect(self._follow_keys if self.settings.h2o_tickets else None)
         listeners: list[tuple[str, tuple[str, int] | None, type[CacheConnection]]] = [
             ("memcache", self.settings.memcache, MemcacheConnection),
             ("redis", self.settings.redis, RedisConnection),
@@ -160,6 +168,13 @@ class CacheFront:
             log.info("cache %s: push on %s:%d", self.settings.node_id, *self.push.address())
         self._tasks.append(self.supervisor.spawn(self._housekeeping(), "cache-housekeeping"))
 
+    async def _follow_keys(self, conn: AbstractRobustConnection) -> None:
+        ring = self.store.h2o_tickets
+        assert ring is not None
+        self.key_follower = KeyFollower(conn, self._topo, self._keys, on_ring=ring.update,
+                                        metrics=self.metrics, supervisor=self.supervisor)
+        await retry(self.key_follower.start, "following the key stream")
+
     async def wait_bus_ready(self, timeout: float) -> bool:
         return await self.bus.wait_ready(timeout)
 
@@ -180,6 +195,8 @@ class CacheFront:
         self.connections.close_all()
         self.store.drain()  # sets answered STORED are stored and published before the end
         await self.bus.flush_and_stop_replica(drain_timeout)
+        if self.key_follower is not None:
+            await self.key_follower.stop()
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:

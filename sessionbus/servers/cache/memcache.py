@@ -15,6 +15,7 @@ time argument, always ``0``), ``version`` and ``quit``.  Served here:
   (a multi-get pauses whenever its answers exceed the output budget, until the client reads).
 * ``delete <key> [0] [noreply]``: ``DELETED`` or ``NOT_FOUND``.
 * ``version``: ``VERSION ...``; ``quit``: close.
+* ``gets <key> ...`` (what h2o sends): as ``get``, each ``VALUE`` line with a cas unique.
 * other storage commands (``add``, ``replace``, ``append``, ``prepend``, ``cas``): their value is
   read and discarded, then ``ERROR``; any other well-formed command word: ``ERROR``.
 
@@ -31,6 +32,7 @@ import time
 from dataclasses import dataclass
 
 from sessionbus.servers.cache.connection import CacheConnection, Connections
+from sessionbus.servers.cache.h2o_tickets import H2O_TICKET_KEY
 from sessionbus.servers.cache.store import MAX_KEY, SetResult, Store
 
 __all__ = ["MemcacheConnection"]
@@ -94,7 +96,7 @@ class MemcacheConnection(CacheConnection):
     def __init__(self, sock: socket.socket, store: Store, conns: Connections) -> None:
         self._pending: _PendingSet | None = None
         self._swallow = 0  # bytes of a refused value (and its CRLF) still to discard
-        self._get_rest: tuple[list[bytes], int] | None = None  # a multi-get paused mid-way
+        self._get_rest: tuple[list[bytes], int, bool] | None = None  # a multi-get paused mid-way
         self._record = conns.metrics.requests.record
         super().__init__(sock, store, conns)  # last: it may start serving
 
@@ -172,6 +174,8 @@ class MemcacheConnection(CacheConnection):
         cmd = parts[0]
         if cmd == b"get":
             self._get(parts)
+        elif cmd == b"gets":
+            self._get(parts, cas=True)
         elif cmd == b"set":
             self._parse_set(parts)
         elif cmd == b"delete":
@@ -187,6 +191,9 @@ class MemcacheConnection(CacheConnection):
             if size is None:
                 self.fail(BAD_FORMAT)
                 return
+            if parts[1] == H2O_TICKET_KEY:
+                self._refuse_ticket_write(cmd)
+                return
             self.count("unknown", "error")
             self.out.append(b"ERROR\r\n")
             self._swallow = size + 2
@@ -196,10 +203,10 @@ class MemcacheConnection(CacheConnection):
         else:
             self.fail(BAD_FORMAT)
 
-    def _get(self, parts: list[bytes]) -> None:
+    def _get(self, parts: list[bytes], cas: bool = False) -> None:
         t0 = _perf_counter()
         n = len(parts) - 1
-        if n == 1:  # what httpd sends: one key, answered in one piece
+        if n == 1 and not cas:  # what httpd sends: one key, answered in one piece
             key = parts[1]
             if len(key) > MAX_KEY:
                 self.fail(BAD_FORMAT, "get")
@@ -224,10 +231,10 @@ class MemcacheConnection(CacheConnection):
             if len(key) > MAX_KEY:
                 self.fail(BAD_FORMAT, "get")
                 return
-        self._get_keys(keys, 0)
+        self._get_keys(keys, 0, cas)
         self.observe(_perf_counter() - t0)
 
-    def _get_keys(self, keys: list[bytes], i: int) -> None:
+    def _get_keys(self, keys: list[bytes], i: int, cas: bool = False) -> None:
         """Answer keys[i:] of a multi-get, pausing (see ``spill``) whenever the answers exceed
         the output budget: one get of 256 large values is megabytes."""
         out = self.out
@@ -241,11 +248,14 @@ class MemcacheConnection(CacheConnection):
                 self.count("get", "miss")
                 continue
             flags, value = found
-            out.append(b"VALUE %b %d %d\r\n%b\r\n" % (key, flags, len(value), value))
+            if cas:  # h2o (yrmcds' text mode) asks ``gets``; a value is written once: one cas
+                out.append(b"VALUE %b %d %d 1\r\n%b\r\n" % (key, flags, len(value), value))
+            else:
+                out.append(b"VALUE %b %d %d\r\n%b\r\n" % (key, flags, len(value), value))
             self.count("get", "hit")
             self.out_size += len(value)
             if self.out_size > budget and self.spill():
-                self._get_rest = (keys, i)
+                self._get_rest = (keys, i, cas)
                 return
         out.append(b"END\r\n")
 
@@ -256,6 +266,9 @@ class MemcacheConnection(CacheConnection):
             self.fail(BAD_FORMAT, "set")
             return
         key = parts[1]
+        if key == H2O_TICKET_KEY:
+            self._refuse_ticket_write(b"set")
+            return
         flags, exptime, size = _uint(parts[2]), _int(parts[3]), _uint(parts[4])
         if (
             flags is None or flags > _MAX_FLAGS or exptime is None or size is None
@@ -270,6 +283,11 @@ class MemcacheConnection(CacheConnection):
             self._swallow = size + 2
             return
         self._pending = _PendingSet(key, flags, exptime, size, noreply)
+
+    def _refuse_ticket_write(self, cmd: bytes) -> None:
+        # h2o retries a refused write of its ticket ring at once, forever; a closed connection
+        # makes it wait 60 s (src/ssl.c), keeping what it holds. The ring is the farm's.
+        self.fail(b"SERVER_ERROR the ticket-key ring is read-only\r\n", cmd.decode())
 
     def _set(self, p: _PendingSet, value: bytes) -> None:
         t0 = _perf_counter()

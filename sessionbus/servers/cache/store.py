@@ -12,6 +12,11 @@ Keys:
   the earliest of the client's expiry time, the DER's own time + timeout, and the cache's session
   lifetime. Such sessions are interchangeable with those a ``sessionbus node`` makes (OpenSSL on
   the resuming server still compares the session id context).
+* ``h2o:ssl-session-cache:<base64url id>`` (h2o's ``cache-store: memcached`` with its default
+  ``cache-memcached-prefix``) is the same TLS session id, and its value the base64url DER (h2o
+  encodes both, without padding): stored and replicated as the DER, answered re-encoded.
+* ``h2o:ssl-session-key`` (h2o's ``ticket-store: memcached``) is the farm's ticket-key ring in
+  h2o's format, read-only, when the front follows the key stream (``h2o_tickets``); never stored.
 * Any other key is an *opaque* session stored under its own name (at most 250 bytes, like
   memcached): the value is kept with the client's 32-bit flags in front
   (``flags:u32 big-endian | data``), replicated with the ``opaque`` flag and the reserved session id
@@ -36,6 +41,7 @@ counted in ``sessionbus_cache_refused_total{reason="service"}``.
 
 from __future__ import annotations
 
+import base64
 import binascii
 import collections
 import logging
@@ -49,18 +55,24 @@ from sessionbus.metrics import CacheMetrics, Metrics
 from sessionbus.producer.outbox import Outbox
 from sessionbus.schemas.events import MAX_SESSION_ID, RemoveReason
 from sessionbus.schemas.session_der import DerError, parse_session
+from sessionbus.servers.cache.h2o_tickets import H2O_TICKET_KEY, H2oTicketRing
 
-__all__ = ["MOD_SSL_PREFIX", "OPAQUE_SID_CTX", "DeadSet", "SetResult", "Store", "session_key"]
+__all__ = [
+    "H2O_PREFIX", "MOD_SSL_PREFIX", "OPAQUE_SID_CTX", "DeadSet", "SetResult", "Store",
+    "session_key",
+]
 
 log = logging.getLogger(__name__)
 
 MOD_SSL_PREFIX = b"mod_ssl-sess:"
+H2O_PREFIX = b"h2o:ssl-session-cache:"  # h2o 2.2's lib/core/util.c + lib/common/memcached.c
 # Session id context of opaque entries: no TLS server uses it (httpd's is 32 hex digits,
 # a sessionbus node's is its service name), and it fits SSL_MAX_SID_CTX_LENGTH.
 OPAQUE_SID_CTX = b"\x00sessionbus-opaque"
 MAX_KEY = min(250, MAX_SESSION_ID)  # memcached's own key limit
 _FLAGS_SIZE = 4
 _PREFIX_LEN = len(MOD_SSL_PREFIX)
+_H2O_PREFIX_LEN = len(H2O_PREFIX)
 _MAX_TLS_ID = 32  # SSL_MAX_SSL_SESSION_ID_LENGTH
 # Deferred sets held at most before they are handled in the request's own call (a pipelining
 # client): they are handled after the answers of one read anyway; this bounds what they hold.
@@ -98,7 +110,21 @@ def session_key(key: bytes) -> tuple[bytes, bool]:
                 return binascii.unhexlify(h), False
             except binascii.Error:
                 pass
+    elif key.startswith(H2O_PREFIX):
+        sid = _b64url(key[_H2O_PREFIX_LEN:])
+        if sid is not None and 1 <= len(sid) <= _MAX_TLS_ID:
+            return sid, False
     return key, True
+
+
+def _b64url(text: bytes) -> bytes | None:
+    """h2o's base64url without padding, strictly (None if not that)."""
+    if b"+" in text or b"/" in text:  # altchars alone would still accept these
+        return None
+    try:
+        return base64.b64decode(text + b"=" * (-len(text) % 4), altchars=b"-_", validate=True)
+    except binascii.Error:
+        return None
 
 
 class Store:
@@ -124,6 +150,7 @@ class Store:
         # The largest record a NEW may carry (sessionbus.schemas.codec.Limits.max_event_bytes).
         self.max_value = max_value
         self._clock = clock
+        self.h2o_tickets: H2oTicketRing | None = None  # set: serve the ring to h2o
         # The session id contexts stored and served (None: every one); OPAQUE_SID_CTX stands
         # for the opaque keys.
         self.services = services
@@ -198,6 +225,8 @@ class Store:
         An expiry already past stores nothing (and drops a copy held here) but is "stored", as
         memcached answers for a negative exptime.
         """
+        if key == H2O_TICKET_KEY:
+            return SetResult.NOT_STORED  # h2o's own ticket keys never enter the farm
         sid, opaque = session_key(key)
         now = self._clock()
         limit = now + self.session_lifetime
@@ -214,6 +243,11 @@ class Store:
             if held is not None and held.der != record and exp > now:
                 return SetResult.NOT_STORED
         else:
+            if key.startswith(H2O_PREFIX):
+                der = _b64url(value)
+                if der is None:
+                    return SetResult.INVALID
+                value = der
             if len(value) > self.max_value:
                 return SetResult.TOO_LARGE
             if flags:
@@ -244,6 +278,9 @@ class Store:
 
     def get(self, key: bytes) -> tuple[int, bytes] | None:
         """(flags, value), or None. Never an expired, revoked or deleted session."""
+        if key == H2O_TICKET_KEY:
+            ring = None if self.h2o_tickets is None else self.h2o_tickets.value(self._clock())
+            return None if ring is None else (0, ring)
         if self._deferred:  # a client reads what it (or another) has just set
             self.drain()
         sid, opaque = session_key(key)
@@ -264,6 +301,8 @@ class Store:
         if opaque:
             der = found.der
             return int.from_bytes(der[:_FLAGS_SIZE], "big"), der[_FLAGS_SIZE:]
+        if key.startswith(H2O_PREFIX):
+            return 0, base64.urlsafe_b64encode(found.der).rstrip(b"=")
         return 0, found.der
 
     def delete(self, key: bytes) -> bool:
