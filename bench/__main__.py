@@ -38,6 +38,7 @@ BENCHMARKS: dict[str, str] = {
     "httpd_cache": "bench.bench_httpd_cache",
     "aiohttp": "bench.bench_aiohttp",
     "ats": "bench.bench_ats",
+    "fanout": "bench.bench_fanout",
 }
 OPTIONAL = {"peer_cache", "httpd_cache", "ats"}
 

@@ -587,6 +587,12 @@ class PeerCache:
         self._mask = mask
         self._max_load = slots // 2
 
+    def has_room_for(self, origin: str, sid_ctx: bytes) -> bool:
+        """False when a ``put`` with this origin or sid_ctx is refused because an interned
+        table is full (the replicator rejects and dead-letters such an event)."""
+        return ((origin in self._origin_ix or len(self._origins) < _MAX_INTERNED)
+                and (sid_ctx in self._ctx_ix or len(self._ctxs) < _MAX_INTERNED))
+
     def _intern_origin(self, origin: str) -> int:
         if len(self._origins) >= _MAX_INTERNED:
             return -1

@@ -19,13 +19,13 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import cast
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
 
 from sessionbus.bus.connection import BROKER_ERRORS
-from sessionbus.bus.topology import Topology, declare_core, session_routing_key
+from sessionbus.bus.topology import Topology, session_routing_key
 from sessionbus.metrics import Metrics
 from sessionbus.schemas.codec import CONTENT_TYPE, encode_rows, sender_user
 from sessionbus.schemas.events import EventType, RemoveReason
@@ -319,6 +319,8 @@ class Outbox:
                     else "nack" if type(exc).__name__ in ("DeliveryError", "PublishError")
                     else "connection"
                 )
+                if type(exc).__name__ == "PublishError":  # returned: routed to no queue
+                    self._m.returned.labels(type_.value).inc()
                 self._m.publish_failures.labels(reason).inc()
                 log.warning("publish of %d %s events failed (%s); will resend", len(rows),
                             type_.value, type(exc).__name__)
@@ -378,13 +380,12 @@ class Outbox:
         if self._channel is not None:  # one publishing channel at a time
             with contextlib.suppress(*BROKER_ERRORS):
                 await asyncio.wait_for(self._channel.close(), 2)
-        self._channel = channel = await connection.channel(publisher_confirms=True)
-        channel.return_callbacks.add(self._on_return)
-        await declare_core(channel, self._topo)
+        # on_return_raises: a mandatory message the broker returns (no queue took it: the
+        # stream not back yet after a restart, say) fails its publish and is resent; without it
+        # aio-pika resolves the confirm as a success and the batch was lost.
+        self._channel = channel = await connection.channel(publisher_confirms=True,
+                                                           on_return_raises=True)
+        # Nothing is declared or checked here: a publish to a missing exchange fails (and is
+        # resent), and nothing this channel needs lives on a broker node other than the
+        # exchange's (the DLX, the dead queue are not involved in publishing).
         return await channel.get_exchange(self._topo.sessions_exchange, ensure=False)
-
-    def _on_return(self, _channel: Any, message: Any) -> None:
-        key = getattr(message, "routing_key", "") or ""
-        parts = key.split(".")
-        type_ = parts[1] if len(parts) > 2 and parts[1] in ("new", "get", "remove") else "new"
-        self._m.returned.labels(type_).inc()

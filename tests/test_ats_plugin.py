@@ -50,8 +50,8 @@ from tests.farm_support import (
     delete_topology,
     farm_files,
     free_port,
+    provisioned_prefix,
     revoke,
-    unique_prefix,
 )
 from tests.helpers_keys import keys_for
 from tests.tcp_proxy import TcpProxy
@@ -152,7 +152,7 @@ def resumes(port: int, session: ssl.SSLSession, version: str = "1.2", tickets: b
 def farm(tmp_path: Path) -> Iterator[PluginFarm]:
     build_plugin()
     bus_key, cert, key = farm_files(tmp_path)
-    prefix = unique_prefix()
+    prefix = provisioned_prefix()  # the admin step: roles only look the bus up
     env = {"SESSIONBUS_AMQP_URL": AMQP_URL, "SESSIONBUS_BUS_KEY_FILE": str(bus_key),
            "SESSIONBUS_PREFIX": prefix}
     f = PluginFarm(tmp_path, cert, key, env)

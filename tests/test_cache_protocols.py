@@ -743,6 +743,9 @@ async def test_two_fronts_replicate_over_the_broker(amqp_url: str) -> None:
     prefix = f"sbtest-{uuid.uuid4().hex[:10]}"
     keys = farm_keys()
     topo = Topology(prefix=prefix)
+    from tests.farm_support import provision
+
+    await asyncio.to_thread(provision, prefix, amqp_url)  # the admin step (roles only look)
     fronts = [
         CacheFront(CacheSettings(node_id=n, memcache=("127.0.0.1", 0), redis=("127.0.0.1", 0),
                                  session_timeout=600),
@@ -786,7 +789,7 @@ async def test_two_fronts_replicate_over_the_broker(amqp_url: str) -> None:
         from tests.farm_support import delete_topology
 
         await asyncio.to_thread(
-            delete_topology, prefix, [topo.replica_queue(f.settings.node_id) for f in fronts])
+            delete_topology, prefix, [])  # v2: no per-node queues
 
 
 # --- the command line ----------------------------------------------------------------------------

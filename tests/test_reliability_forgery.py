@@ -51,7 +51,7 @@ from tests.farm_support import (
     free_port,
     handshake,
     make_cert,
-    unique_prefix,
+    provisioned_prefix,
 )
 from tests.helpers_keys import keys_for
 
@@ -136,7 +136,7 @@ def farm(tmp_path: Path) -> Iterator[Farm]:
     key_file = tmp_path / "bus.key"
     write_new_key_file(key_file)
     cert, key = make_cert(tmp_path)
-    f = Farm(unique_prefix(), key_file, cert, key, Processes(), {})
+    f = Farm(provisioned_prefix(), key_file, cert, key, Processes(), {})
     try:
         for node in NODES:
             port = free_port()
@@ -256,7 +256,9 @@ def test_a_session_injected_without_the_bus_key_never_resumes(
     reasons = Counter(str(h[H_REASON]) for h in dead)
     assert reasons == {"unknown_key": 2, "forged": 4}, reasons
     sources = Counter(str(h["sessionbus-source"]) for h in dead)
-    assert sources == {f"{farm.prefix}.replica.{n}": 3 for n in NODES}, sources
+    assert sources == {f"{farm.prefix}.sessions.stream": len(messages)}, sources  # v2: one stream
+    judges = Counter(str(h["sessionbus-rejected-by"]) for h in dead)
+    assert judges == {n: 3 for n in NODES}, judges
     time.sleep(0.5)  # every chance to (wrongly) apply them
     for node, port in farm.ports.items():
         assert not any(offered(port, version, made.session, 5)), f"resumed on {node}"

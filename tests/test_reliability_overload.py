@@ -26,7 +26,7 @@ from sessionbus.bus.topology import Topology, delete_all
 from sessionbus.metrics import Metrics
 from sessionbus.producer.node import Node, NodeSettings
 from sessionbus.producer.outbox import OutboxSettings
-from tests.farm_support import AMQP_URL, unique_prefix
+from tests.farm_support import AMQP_URL, provisioned_prefix
 from tests.helpers_keys import farm_keys
 from tests.tcp_proxy import TcpProxy
 
@@ -93,7 +93,7 @@ async def test_with_the_broker_down_handshakes_go_on_and_the_outbox_stays_bounde
     host, _, rest = AMQP_URL.rpartition("@")[2].partition(":")
     proxy = TcpProxy(host or "127.0.0.1", int(rest.split("/")[0] or 5672))
     await proxy.start()
-    topo = Topology(prefix=unique_prefix())
+    topo = Topology(prefix=provisioned_prefix())
     cert, key = tls_cert
     node = Node(
         NodeSettings(node_id="node-o", host="127.0.0.1", port=0, cert=str(cert), key=str(key),
@@ -151,7 +151,7 @@ async def test_with_the_broker_down_handshakes_go_on_and_the_outbox_stays_bounde
         await node.stop(5)
         await proxy.stop()
         ch = await connection.channel()
-        await delete_all(ch, topo, [topo.replica_queue("node-o")])
+        await delete_all(ch, topo, [])
         await ch.close()
     rate_up, rate_down = UP // 3 / min(up_s), FULL // 3 / min(full_s)
     ratio = rate_down / rate_up

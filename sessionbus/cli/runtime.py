@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from aio_pika.abc import AbstractRobustConnection
 
 from sessionbus.bus.connection import connect
-from sessionbus.bus.topology import declare_core
+from sessionbus.bus.topology import check_sessions
 from sessionbus.cli.config import Common, ConfigError, host_port
 from sessionbus.cli.exit_codes import RET_INTERRUPTED
 from sessionbus.metrics import Metrics, serve_metrics
@@ -67,15 +67,19 @@ async def connect_now(common: Common, metrics: Metrics | None = None, *,
     except ConnectionError as exc:
         raise BrokerUnavailable(str(exc)) from None
     if declare:
+        # v2: a role only looks the bus up (passive, needs no permission); the admin step
+        # (definitions.json, `sessionbus setup`) creates it.
         try:
             channel = await conn.channel()
-            await declare_core(channel, common.topology)
-            await channel.close()
+            await check_sessions(channel, common.topology)
+            if not channel.is_closed:
+                await channel.close()
         except Exception as exc:
             await conn.close()
             raise BrokerUnavailable(
-                f"{common.broker.redacted_url()}: cannot declare the bus "
-                f"({type(exc).__name__}: {exc})"
+                f"{common.broker.redacted_url()}: the bus {common.topology.prefix} is not "
+                f"provisioned (import ops/rabbitmq/definitions.json or run `sessionbus setup`; "
+                f"{type(exc).__name__})"
             ) from None
     return conn
 

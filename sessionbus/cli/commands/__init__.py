@@ -13,8 +13,11 @@ from sessionbus.cli.commands import (
     keys,
     node,
     revoke,
+    setup,
     up,
     worker,
 )
 
-COMMANDS: list[ModuleType] = [up, node, cache, keys, keyfile, worker, events, dead, revoke, bus_key]
+COMMANDS: list[ModuleType] = [
+    up, setup, node, cache, keys, keyfile, worker, events, dead, revoke, bus_key,
+]

@@ -7,6 +7,8 @@ import asyncio
 import sys
 from typing import Any
 
+from sessionbus.bus.connection import retry
+from sessionbus.bus.topology import check_sessions, check_with
 from sessionbus.cli.check import consumer_needs, run_check
 from sessionbus.cli.commands._common import csv_of, role_metrics, subparser, until_stopped
 from sessionbus.cli.config import add_common, common_from_args
@@ -50,6 +52,8 @@ def main(args: argparse.Namespace) -> int:
 
     async def serve(stop: asyncio.Event) -> int:
         conn = await connect_now(common, metrics)
+        # Provisioned by the admin step: only checked (and waited for) here.
+        await retry(lambda: check_with(conn, common.topology, check_sessions), "finding the bus")
         worker = Worker(conn, common.topology, keys, [printer(types, origins)],
                         metrics=metrics)
         await worker.start()

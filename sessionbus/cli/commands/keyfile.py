@@ -238,6 +238,7 @@ def main(args: argparse.Namespace) -> int:
             # it arrives, replaces what changed); only a first run makes it wait for the ring.
             notify_once()
         conn = await connect_now(common, metrics)
+        # The key stream is provisioned by the admin step; the follower waits for it.
         runner = KeyfileRunner(conn, common.topology, keys, settings, on_ready=ready,
                                metrics=metrics)
         try:
