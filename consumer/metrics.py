@@ -6,7 +6,7 @@ outcomes, configured consumer names): never a session id, node address or key.
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram, Info, start_http_server
 
 from sessionbus.schemas.errors import Reason
 from sessionbus.schemas.events import SESSION_EVENT_TYPES
@@ -57,6 +57,9 @@ REPLAY_CAUGHT_UP = Gauge(
 )
 BROKER_CONNECTED = Gauge("sessionbus_broker_connected", "1 while connected to RabbitMQ")
 BROKER_RECONNECTS = Counter("sessionbus_broker_reconnects_total", "Reconnections to RabbitMQ")
+BROKER_NODE = Info(
+    "sessionbus_broker", "The broker node this process uses (host:port only, never credentials)"
+)
 
 TICKET_KEYS = Gauge("sessionbus_ticket_keys", "Ticket keys held (not erased)")
 TICKET_KEY_NEWEST_AGE = Gauge(
@@ -84,8 +87,11 @@ class _BrokerState:
     ever = False
 
 
-def broker_state(connected: bool) -> None:
-    """Record the connection coming or going; a return after a loss counts as a reconnect."""
+def broker_state(connected: bool, host: str = "") -> None:
+    """Record the connection coming or going (to ``host``, "host:port"); a return after a loss
+    counts as a reconnect."""
+    if connected and host:
+        BROKER_NODE.info({"host": host})
     if connected and not _BrokerState.connected and _BrokerState.ever:
         BROKER_RECONNECTS.inc()
     _BrokerState.connected = connected

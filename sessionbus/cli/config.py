@@ -8,7 +8,13 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from sessionbus.bus.connection import DEFAULT_URL, BrokerSettings
+from sessionbus.bus.connection import (
+    DEFAULT_URL,
+    BrokerSettings,
+    BrokerUrlError,
+    quiet_library_logs,
+    split_urls,
+)
 from sessionbus.bus.topology import Topology
 from sessionbus.schemas.events import valid_node_id
 from sessionbus.schemas.sealing import BusKeyError, BusKeys, load_bus_keys
@@ -25,9 +31,11 @@ def env(name: str, default: str | None = None) -> str | None:
 def add_common(p: argparse.ArgumentParser, *, bus_key: bool = True) -> None:
     g = p.add_argument_group("common options")
     g.add_argument(
-        "--amqp-url", default=env("SESSIONBUS_AMQP_URL", DEFAULT_URL),
-        help="broker URL, amqp:// or amqps:// (env SESSIONBUS_AMQP_URL; default %(default)s). "
-        "Prefer the env var or a URL without password on shared hosts: argv is visible to all",
+        "--amqp-url", action="append", metavar="URL",
+        help="broker URL, amqp:// or amqps://; for a cluster repeat it or give a comma list, "
+        "one URL per node: each process picks one (shuffled) and fails over to the next "
+        f"(env SESSIONBUS_AMQP_URL; default {DEFAULT_URL}). Prefer the env var or a URL "
+        "without password on shared hosts: argv is visible to all",
     )
     g.add_argument("--amqp-ca", default=env("SESSIONBUS_AMQP_CA"), metavar="PEM",
                    help="amqps: CA file of the broker's certificate (env SESSIONBUS_AMQP_CA)")
@@ -73,7 +81,7 @@ def common_from_args(args: argparse.Namespace) -> Common:
         level=getattr(logging, str(args.log_level).upper()),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    logging.getLogger("aiormq").setLevel(logging.WARNING)
+    quiet_library_logs(debug=str(args.log_level) == "debug")
     for f in ("amqp_ca", "amqp_cert", "amqp_key"):
         v = getattr(args, f)
         if v and not Path(v).is_file():
@@ -83,17 +91,24 @@ def common_from_args(args: argparse.Namespace) -> Common:
             host_port(str(args.metrics))
         except argparse.ArgumentTypeError as exc:
             raise ConfigError(f"--metrics: {exc}") from None
-    if not str(args.amqp_url).startswith(("amqp://", "amqps://")):
-        raise ConfigError("--amqp-url must start with amqp:// or amqps://")
     return Common(
         broker=BrokerSettings(
-            url=args.amqp_url, ca_file=args.amqp_ca, cert_file=args.amqp_cert,
+            url=broker_urls(args.amqp_url), ca_file=args.amqp_ca, cert_file=args.amqp_cert,
             key_file=args.amqp_key, verify=not args.amqp_insecure,
         ),
         topology=Topology(prefix=args.prefix),
         metrics=args.metrics,
         bus_key_file=getattr(args, "bus_key_file", None),
     )
+
+
+def broker_urls(given: list[str] | None) -> str:
+    """The validated broker URLs (comma-joined) from --amqp-url values or the environment."""
+    value: list[str] = given or [env("SESSIONBUS_AMQP_URL") or DEFAULT_URL]
+    try:
+        return ",".join(split_urls(value))
+    except BrokerUrlError as exc:
+        raise ConfigError(f"--amqp-url: {exc}") from None
 
 
 def host_port(value: str) -> tuple[str, int]:

@@ -32,9 +32,8 @@ from dataclasses import dataclass, replace
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractRobustConnection
 from aiormq.exceptions import AMQPError, ChannelLockedResource
-from yarl import URL
 
-from sessionbus.bus.connection import BrokerSettings, connect, retry, tls_context
+from sessionbus.bus.connection import BrokerSettings, connect, connect_once, retry
 from sessionbus.bus.topology import (
     Topology,
     declare_core,
@@ -186,10 +185,8 @@ class KeyPublisher:
         return channel
 
     async def _open_lock_connection(self) -> AbstractConnection:
-        url = URL(self._broker.url).update_query(
-            heartbeat=self.s.lock_heartbeat, name=f"sessionbus keys {self.s.publisher_id} lock"
-        )
-        return await aio_pika.connect(url, ssl_context=tls_context(self._broker), timeout=10)
+        return await connect_once(self._broker, f"sessionbus keys {self.s.publisher_id} lock",
+                                  self.s.lock_heartbeat)
 
     async def _drop_lock_connection(self) -> None:
         conn, self._lock_conn = self._lock_conn, None
