@@ -146,10 +146,12 @@ async def test_backoff_is_bounded_by_backoff_max() -> None:
     conn.backoff_min, conn.backoff_max = 0.2, 1.0
     conn._down_since = time.monotonic() - 3600
     samples = [conn.reconnect_interval for _ in range(200)]
-    assert 0.5 <= min(samples) and max(samples) <= 1.0
+    assert min(samples) >= 0.5 and max(samples) <= 1.0
 
 
-async def test_error_log_says_a_line_once_then_once_a_minute(caplog: pytest.LogCaptureFixture) -> None:
+async def test_error_log_says_a_line_once_then_once_a_minute(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     import logging
     lg = logging.getLogger("sessionbus.test.errorlog")
     el = ErrorLog(lg, repeat=0.2)
@@ -200,10 +202,9 @@ async def test_each_broker_error_has_its_own_line(case: str, kind: str, words: s
 
 
 async def test_timeout_is_its_own_line() -> None:
-    with silent_listener() as port:
-        with pytest.raises(BrokerError) as info:
-            await connect(BrokerSettings(url=f"amqp://guest:guest@127.0.0.1:{port}/",
-                                         connect_timeout=0.5), wait=True)
+    with silent_listener() as port, pytest.raises(BrokerError) as info:
+        await connect(BrokerSettings(url=f"amqp://guest:guest@127.0.0.1:{port}/",
+                                     connect_timeout=0.5), wait=True)
     assert info.value.kind == "timeout" and "timed out" in str(info.value)
 
 
