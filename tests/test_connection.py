@@ -296,3 +296,39 @@ async def test_fails_over_at_once_and_returns_within_a_second(
         assert states[-1] == (True, f"127.0.0.1:{first.port}")
     finally:
         await conn.close()
+
+
+@pytest.mark.broker
+@pytest.mark.tls
+@pytest.mark.deadline(90)
+@pytest.mark.parametrize(("case", "words"), [
+    ("password", "authentication refused"),
+    ("vhost", "vhost missing or not permitted"),
+    ("port", "connection refused"),
+])
+def test_node_logs_the_line_once_and_serves_on(tmp_path: Path, case: str, words: str) -> None:
+    from tests.farm_support import client_context, farm_files, handshake
+    from tests.farm_support import start as start_proc
+
+    url = {"password": _url(password="not-the-password"),
+           "vhost": _url(vhost=f"sbtest-missing-{os.getpid()}"),
+           "port": _url(port=_free_port())}[case]
+    key_file, cert, key = farm_files(tmp_path)
+    port = _free_port()
+    node = start_proc(["node", "--node-id", "n1", "--listen", f"127.0.0.1:{port}",
+                       "--cert", str(cert), "--key", str(key)],
+                      env={"SESSIONBUS_AMQP_URL": url, "SESSIONBUS_BUS_KEY_FILE": str(key_file),
+                           "SESSIONBUS_PREFIX": f"sbtest-unused-{os.getpid()}"})
+    try:
+        node.wait_for("listening on", 20)
+        node.wait_for(words, 10)
+        time.sleep(3.0)  # some ten more attempts fail meanwhile: none may be logged again
+        first = handshake(port, client_context("1.2"))
+        again = handshake(port, client_context("1.2"), first.session)
+        assert b"node n1" in first.body and again.reused  # served, from its own replica
+    finally:
+        node.stop()
+    out = node.output()
+    assert sum(words in line for line in out.splitlines()) == 1, out
+    assert "not-the-password" not in out and "Traceback" not in out, out
+    assert "aiormq" not in out and "aio_pika" not in out, out  # library noise below warning
