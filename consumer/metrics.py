@@ -6,7 +6,14 @@ outcomes, configured consumer names): never a session id, node address or key.
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram, Info, start_http_server
+import socket
+import socketserver
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import Counter, Gauge, Histogram, Info, make_wsgi_app, start_http_server
 
 from sessionbus.schemas.errors import Reason
 from sessionbus.schemas.events import SESSION_EVENT_TYPES
@@ -56,6 +63,14 @@ REPLAY_CAUGHT_UP = Gauge(
     "sessionbus_replay_caught_up", "1 once the warm-join replay of the session stream reached live"
 )
 BROKER_CONNECTED = Gauge("sessionbus_broker_connected", "1 while connected to RabbitMQ")
+# Connected is not ready: after a (re)connect the bus is declared and channels restored first.
+BUS_READY = Gauge(
+    "sessionbus_bus_ready",
+    "1 while connected, the bus checked and every subscription restored (what /ready reports)",
+)
+REPLICA_SUBSCRIBED = Gauge(
+    "sessionbus_replica_subscribed", "1 while the replica follows the session stream live"
+)
 BROKER_RECONNECTS = Counter("sessionbus_broker_reconnects_total", "Reconnections to RabbitMQ")
 BROKER_NODE = Info(
     "sessionbus_broker", "The broker node this process uses (host:port only, never credentials)"
@@ -99,10 +114,37 @@ def broker_state(connected: bool, host: str = "") -> None:
     BROKER_CONNECTED.set(1 if connected else 0)
 
 
-def serve_metrics(addr: str) -> None:
-    """Serve /metrics on ``HOST:PORT`` from a daemon thread."""
+Readiness = Callable[[], tuple[bool, str]]
+
+
+def serve_metrics(addr: str, ready: Readiness | None = None) -> None:
+    """Serve /metrics on ``HOST:PORT`` from a daemon thread, and /ready (200 or 503, one line per
+    check) for load balancers and systemd when ``ready`` is given."""
     host, _, port = addr.rpartition(":")
-    start_http_server(int(port), addr=host.strip("[]") or "127.0.0.1")
+    host = host.strip("[]") or "127.0.0.1"
+    if ready is None:
+        start_http_server(int(port), addr=host)
+        return
+    metrics_app = make_wsgi_app()
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if environ.get("PATH_INFO") != "/ready":
+            return metrics_app(environ, start_response)  # type: ignore[no-any-return]
+        ok, text = ready()
+        start_response("200 OK" if ok else "503 Service Unavailable",
+                       [("Content-Type", "text/plain; charset=utf-8")])
+        return [text.encode() + b"\n"]
+
+    class Server(socketserver.ThreadingMixIn, WSGIServer):
+        daemon_threads = True
+        address_family = socket.getaddrinfo(host, int(port))[0][0]
+
+    class Quiet(WSGIRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    httpd = make_server(host, int(port), app, Server, handler_class=Quiet)
+    threading.Thread(target=httpd.serve_forever, name="metrics", daemon=True).start()
 
 
 precreate()

@@ -35,6 +35,10 @@ PUBLISH_FAILURES = Counter(
 )
 OUTBOX_DEPTH = Gauge("sessionbus_outbox_depth", "Events waiting to be published")
 OUTBOX_CAPACITY = Gauge("sessionbus_outbox_capacity", "Events the outbox holds at most")
+OUTBOX_BLOCKED = Gauge(
+    "sessionbus_outbox_blocked",
+    "1 while events wait and the last publish attempt failed (no channel, nack, return)",
+)
 
 TICKET_DECRYPTIONS = Counter(
     "sessionbus_ticket_decryptions_total", "Session tickets presented to this node, by result",

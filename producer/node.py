@@ -104,8 +104,13 @@ class Node:
         if settings.tickets is TicketMode.STATELESS:
             openssl.install_ticket_keys(self.context, self.ticket_keys)
         self.key_follower: KeyFollower | None = None
+        if settings.tickets is TicketMode.STATELESS:
+            self.bus.extra_checks.append(("ticket key ring held", self._ring_held))
         self._server: asyncio.Server | None = None
         self._conns: set[asyncio.Task[None]] = set()
+
+    def _ring_held(self) -> bool:
+        return self.key_follower is not None and self.key_follower.ring is not None
 
     @property
     def address(self) -> tuple[str, int]:
@@ -122,6 +127,12 @@ class Node:
             ssl_handshake_timeout=10, limit=_MAX_REQUEST_HEAD,
         )
         log.info("node %s listening on %s:%d", self.settings.node_id, *self.address)
+
+    def readiness(self) -> tuple[bool, str]:
+        """/ready: the bus checks, or ready at once for a lone node that uses no bus."""
+        if not (self.settings.replication or self.settings.tickets is TicketMode.STATELESS):
+            return True, "ok no bus (lone node)"
+        return self.bus.readiness()
 
     async def _follow_keys(self, conn: AbstractRobustConnection) -> None:
         self.key_follower = KeyFollower(conn, self._topo, self._keys,

@@ -86,6 +86,7 @@ class Outbox:
         self._idle = asyncio.Event()
         self._idle.set()
         self._channel: AbstractChannel | None = None
+        self.blocked = False  # events wait and the last publish attempt failed
         self._published = {t: metrics.EVENTS_PUBLISHED.labels(t.value) for t in _PRIORITY}
         self._dropped = {t: metrics.EVENTS_DROPPED.labels(t.value) for t in _PRIORITY}
         metrics.OUTBOX_CAPACITY.set(settings.capacity)
@@ -303,9 +304,11 @@ class Outbox:
                 log.warning("publish of %d %s events failed (%s); will resend", len(rows),
                             type_.value, type(exc).__name__)
                 self._give_back(type_, rows)
+                self._set_blocked(True)
                 failed.set()
             else:
                 self._published[type_].inc(len(rows))
+                self._set_blocked(False)
             finally:
                 self._in_flight -= 1
                 slots.release()
@@ -318,6 +321,7 @@ class Outbox:
                 self._wake.clear()
                 if self._in_flight == 0:
                     self._idle.set()
+                    self._set_blocked(False)
                 await self._wake.wait()
                 continue
             if failed.is_set() or exchange is None:
@@ -327,6 +331,7 @@ class Outbox:
                     exchange = await self._open(connection)
                 except Exception as exc:
                     log.warning("cannot open publishing channel: %s", type(exc).__name__)
+                    self._set_blocked(True)
                     await asyncio.sleep(0.5)
                     continue
                 failed.clear()
@@ -351,6 +356,10 @@ class Outbox:
             task.add_done_callback(tasks.discard)
             if failed.is_set():
                 await asyncio.sleep(0.2)  # the connection is going: let it go before retrying
+
+    def _set_blocked(self, blocked: bool) -> None:
+        self.blocked = blocked
+        metrics.OUTBOX_BLOCKED.set(1 if blocked else 0)
 
     async def _open(self, connection: AbstractRobustConnection) -> AbstractExchange:
         if self._channel is not None:  # one publishing channel at a time

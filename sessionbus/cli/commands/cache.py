@@ -97,7 +97,7 @@ def main(args: argparse.Namespace) -> int:
         except OSError as exc:
             raise ConfigError(f"cannot listen: {exc.strerror or exc}") from None
         if common.metrics:
-            serve_metrics(common.metrics)
+            serve_metrics(common.metrics, ready=front.bus.readiness)
         where = ", ".join(
             f"{name} on {front.address(name)[0]}:{front.address(name)[1]}"
             for name in front.protocols

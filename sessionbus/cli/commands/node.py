@@ -94,7 +94,7 @@ def main(args: argparse.Namespace) -> int:
             raise ConfigError(f"cannot listen on {args.listen[0]}:{args.listen[1]}: "
                               f"{exc.strerror}") from None
         if common.metrics:
-            serve_metrics(common.metrics)
+            serve_metrics(common.metrics, ready=node.readiness)
         print(f"node {settings.node_id} listening on {node.address[0]}:{node.address[1]}",
               flush=True)
         await stop.wait()
