@@ -26,7 +26,8 @@ EVENTS_DROPPED = Counter(
     "sessionbus_events_dropped_total", "Events dropped because the outbox was full", ["type"]
 )
 MESSAGES_RETURNED = Counter(
-    "sessionbus_messages_returned_total", "Published messages no queue took (unroutable)",
+    "sessionbus_messages_returned_total",
+    "Published messages no queue took (unroutable); NEW/REMOVE ones are sent again",
     ["type"],
 )
 PUBLISH_FAILURES = Counter(
@@ -70,7 +71,7 @@ for _r in ("hit", "miss"):
     LOOKUPS.labels(_r)
 for _r in ("current", "renewed", "unknown"):
     TICKET_DECRYPTIONS.labels(_r)
-for _r in ("timeout", "nack", "connection"):
+for _r in ("timeout", "nack", "returned", "connection"):
     PUBLISH_FAILURES.labels(_r)
 for _r in ("change", "refresh"):
     KEY_RINGS_PUBLISHED.labels(_r)

@@ -23,6 +23,7 @@ from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
+from aiormq.exceptions import DeliveryError, PublishError
 
 from sessionbus.bus.topology import Topology, declare_core, session_routing_key
 from sessionbus.producer import metrics
@@ -297,9 +298,12 @@ class Outbox:
             except Exception as exc:
                 reason = (
                     "timeout" if isinstance(exc, TimeoutError)
-                    else "nack" if type(exc).__name__ in ("DeliveryError", "PublishError")
+                    else "returned" if isinstance(exc, PublishError)
+                    else "nack" if isinstance(exc, DeliveryError)
                     else "connection"
                 )
+                if reason == "returned":
+                    metrics.MESSAGES_RETURNED.labels(type_.value).inc()
                 metrics.PUBLISH_FAILURES.labels(reason).inc()
                 log.warning("publish of %d %s events failed (%s); will resend", len(rows),
                             type_.value, type(exc).__name__)
@@ -365,13 +369,10 @@ class Outbox:
         if self._channel is not None:  # one publishing channel at a time
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._channel.close(), 2)
-        self._channel = channel = await connection.channel(publisher_confirms=True)
-        channel.return_callbacks.add(self._on_return)
+        # on_return_raises: a NEW/REMOVE no queue took (mandatory) fails its publish and goes
+        # back into the outbox, instead of aio-pika resolving the publish with the returned
+        # message as if the broker had stored it.
+        self._channel = channel = await connection.channel(
+            publisher_confirms=True, on_return_raises=True)
         await declare_core(channel, self._topo)
         return await channel.get_exchange(self._topo.sessions_exchange, ensure=False)
-
-    def _on_return(self, _channel: Any, message: Any) -> None:
-        key = getattr(message, "routing_key", "") or ""
-        parts = key.split(".")
-        type_ = parts[1] if len(parts) > 2 and parts[1] in ("new", "get", "remove") else "new"
-        metrics.MESSAGES_RETURNED.labels(type_).inc()

@@ -11,7 +11,13 @@ import pytest
 from yarl import URL
 
 from sessionbus.bus.connection import BrokerSettings, connect
-from sessionbus.bus.topology import Topology, declare_core, declare_keys, delete_all, key_routing_key
+from sessionbus.bus.topology import (
+    Topology,
+    declare_core,
+    declare_keys,
+    delete_all,
+    key_routing_key,
+)
 from sessionbus.keys.follower import KeyFollower
 from sessionbus.schemas.codec import CONTENT_TYPE, encode_key_ring
 from sessionbus.schemas.sealing import BusKeys, new_key
