@@ -6,35 +6,27 @@ A GET that hit a session made on another node is a handshake sessionbus saved; t
 
 from __future__ import annotations
 
-from prometheus_client import Counter
-
 from sessionbus.consumer.api import Consumer, Source
+from sessionbus.metrics import Metrics
 from sessionbus.schemas.events import EventType, SessionEvent
 
-FARM_LOOKUPS = Counter(
-    "sessionbus_farm_lookups_total",
-    "Session lookups seen on the bus from every node: local hit, cross-node hit, miss",
-    ["result"],
-)
-FARM_SESSIONS = Counter(
-    "sessionbus_farm_events_total", "Events seen on the bus from every node", ["type"]
-)
-_LOCAL, _CROSS, _MISS = (FARM_LOOKUPS.labels(r) for r in ("local", "cross", "miss"))
-_BY_TYPE = {t: FARM_SESSIONS.labels(t.value) for t in (EventType.NEW, EventType.GET,
-                                                       EventType.REMOVE)}
 
+def farm_stats(metrics: Metrics) -> Consumer:
+    """The consumer, counting into ``metrics`` (its families are made here, at boot)."""
+    m = metrics.farm_stats
+    local, cross, miss = (m.lookups.labels(r) for r in ("local", "cross", "miss"))
+    by_type = {t: m.events.labels(t.value) for t in (EventType.NEW, EventType.GET,
+                                                     EventType.REMOVE)}
 
-async def _count(event: SessionEvent) -> None:
-    _BY_TYPE[event.type].inc()
-    if event.type is EventType.GET:
-        if not event.hit:
-            _MISS.inc()
-        elif event.session_origin == event.origin:
-            _LOCAL.inc()
-        else:
-            _CROSS.inc()
+    async def count(event: SessionEvent) -> None:
+        by_type[event.type].inc()
+        if event.type is EventType.GET:
+            if not event.hit:
+                miss.inc()
+            elif event.session_origin == event.origin:
+                local.inc()
+            else:
+                cross.inc()
 
-
-def farm_stats() -> Consumer:
     # Statistics only: a temporary queue, nothing piles up while no worker runs.
-    return Consumer("farm-stats", _count, source=Source.EXCLUSIVE, retries=0, prefetch=256)
+    return Consumer("farm-stats", count, source=Source.EXCLUSIVE, retries=0, prefetch=256)

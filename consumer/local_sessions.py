@@ -15,20 +15,24 @@ from dataclasses import replace
 
 from aio_pika.abc import AbstractRobustConnection
 
-from sessionbus.bus.connection import BrokerSettings, connect, retry
+from sessionbus.bus.connection import BROKER_ERRORS, BrokerSettings, connect, retry
 from sessionbus.bus.topology import Topology, declare_core, declare_with
-from sessionbus.consumer import metrics as cmetrics
 from sessionbus.consumer.peer_cache import PeerCache
 from sessionbus.consumer.replicator import Replicator, ReplicatorSettings
+from sessionbus.metrics import Metrics
 from sessionbus.producer.outbox import Outbox, OutboxSettings
 from sessionbus.schemas.sealing import BusKeys
+from sessionbus.tasks import Supervisor
 
 log = logging.getLogger(__name__)
 
 BusStart = Callable[[AbstractRobustConnection], Awaitable[None]]
 
 
-class BusMember:
+class LocalSessions:
+    """A process's own view of the farm's sessions: its replica, its outbox, and the bus that
+    feeds both (the node and the cache front alike)."""
+
     def __init__(
         self,
         name: str,
@@ -43,6 +47,8 @@ class BusMember:
         session_lifetime: float,
         max_entries: int,
         max_bytes: int,
+        metrics: Metrics | None = None,
+        supervisor: Supervisor | None = None,
     ) -> None:
         self.name = name  # "node", "cache": names the broker connection
         self.node_id = node_id
@@ -52,11 +58,15 @@ class BusMember:
         self._sid_ctx = sid_ctx
         self._lifetime = session_lifetime
         self.replication = replication
+        self.metrics = metrics = metrics or Metrics()
+        self.supervisor = supervisor or Supervisor(metrics)
         self.cache = PeerCache(max_entries=max_entries, max_bytes=max_bytes)
-        self.outbox = Outbox(node_id, topology, keys, outbox) if replication else None
+        metrics.replica.watch(self.cache)
+        self.outbox = (
+            Outbox(node_id, topology, keys, outbox, metrics=metrics) if replication else None
+        )
         self.connection: AbstractRobustConnection | None = None
         self.replicator: Replicator | None = None
-        self._tasks: list[asyncio.Task[None]] = []
         self._ready = asyncio.Event()
         self._declared = False
         self._restored = False  # channels and consumers restored since the last (re)connect
@@ -67,14 +77,14 @@ class BusMember:
         ``extra`` runs once connected, after the declares and before the replica starts."""
         self.connection = await connect(
             replace(self._broker, name=f"sessionbus {self.name} {self.node_id}"),
-            wait=False, on_state=cmetrics.broker_state,
+            wait=False, on_state=self.metrics.bus.broker_state,
         )
         # aio-pika sets `connected` before it restores channels; reconnect callbacks run after.
-        cmetrics.BUS_READY.set_function(self._bus_ready)
-        cmetrics.REPLICA_SUBSCRIBED.set_function(self._replica_subscribed)
+        self.metrics.replica.bus_ready.set_function(self._bus_ready)
+        self.metrics.replica.subscribed.set_function(self._replica_subscribed)
         self.connection.close_callbacks.add(lambda *_: self._restored_is(False))
         self.connection.reconnect_callbacks.add(lambda *_: self._restored_is(True))
-        self._tasks.append(asyncio.get_running_loop().create_task(self._start_bus(extra)))
+        self.supervisor.spawn(self._start_bus(extra), "bus-start")
 
     async def _start_bus(self, extra: BusStart | None) -> None:
         conn = self.connection
@@ -84,7 +94,7 @@ class BusMember:
         await retry(lambda: declare_with(conn, self._topo, declare_core), "declaring the bus")
         self._declared = True
         if self.outbox is not None:
-            self._tasks.append(asyncio.get_running_loop().create_task(self.outbox.run(conn)))
+            self.supervisor.spawn(self.outbox.run(conn), "outbox")
         if extra is not None:
             await extra(conn)
         if self.replication:
@@ -92,6 +102,7 @@ class BusMember:
                 conn, self._topo, self._keys, self.cache,
                 ReplicatorSettings(node_id=self.node_id, sid_ctx=self._sid_ctx,
                                    session_lifetime=self._lifetime),
+                metrics=self.metrics, supervisor=self.supervisor,
             )
             await retry(replicator.start, "starting the replica")
             self.replicator = replicator
@@ -143,11 +154,9 @@ class BusMember:
             await self.replicator.stop(drain_timeout)
 
     async def close(self) -> None:
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        await self.supervisor.cancel_all()
         if self.connection is not None:
-            with contextlib.suppress(Exception):
+            try:
                 await self.connection.close()
+            except BROKER_ERRORS as exc:  # shutting down: the broker may be gone already
+                log.debug("closing the broker connection: %s", type(exc).__name__)

@@ -106,6 +106,14 @@ class CachedSession(NamedTuple):
 _NEW = tuple.__new__
 
 
+def _empty_slot(index: array[int], mask: int, h: int) -> int:
+    """The first empty slot of the probe sequence of hash ``h`` (linear probing)."""
+    i = h & mask
+    while index[i] >= 0:
+        i = (i + 1) & mask
+    return i
+
+
 class PeerCache:
     """Bounded LRU replica of the farm's TLS sessions, with tombstones for REMOVE.
 
@@ -193,8 +201,8 @@ class PeerCache:
 
     def get(self, session_id: bytes) -> CachedSession | None:
         """The session, or None. Never returns an expired session; a hit becomes most recent."""
-        # The probe loop of _find, inlined: this runs inside every resumed handshake and the
-        # call would add ~0.1 us to a ~2 us budget.
+        # _probe inlined: this runs inside every resumed handshake, and the call would add
+        # ~0.1 us to the ~2 us of bench row "peer_cache get() hit, 200,000 held".
         n = len(session_id)
         index = self._index
         recs = self._recs
@@ -285,18 +293,11 @@ class PeerCache:
         if ci is None:
             ci = self._intern_ctx(sid_ctx)
         h = hash(session_id)
-        index = self._index
         recs = self._recs
-        mask = self._mask
-        i = h & mask
-        while True:
-            e = index[i]
-            if e < 0:
-                break
+        i, e = self._probe(session_id)
+        if e >= 0:
             old = recs[e]
-            if old[0] == n and old.startswith(session_id, _SID_OFF):
-                return self._update(e, old, n, session_id, der, expires, event_time, oi, ci)
-            i = (i + 1) & mask
+            return self._update(e, old, n, session_id, der, expires, event_time, oi, ci)
         # A new id. Make room first; eviction and growth move index slots, so probe again after.
         if self._count >= self.max_entries or self._bytes + size > self.max_bytes:
             self._make_room(size)
@@ -304,12 +305,9 @@ class PeerCache:
         if self._count >= self._max_load:
             self._grow()
             i = -1
+        index = self._index
         if i < 0:
-            index = self._index
-            mask = self._mask
-            i = h & mask
-            while index[i] >= 0:
-                i = (i + 1) & mask
+            i = _empty_slot(index, self._mask, h)
         e = self._free or self._extend()
         nxt = self._next
         prev = self._prev
@@ -476,8 +474,9 @@ class PeerCache:
                 m = e
         prev[0] = m
 
-    def _find(self, session_id: bytes) -> tuple[int, int] | None:
-        """(index slot, entry) of session_id, or None."""
+    def _probe(self, session_id: bytes) -> tuple[int, int]:
+        """The one probe of the index by session id: (slot, entry) where it is held, or
+        (the empty slot that ends its probe sequence, -1)."""
         n = len(session_id)
         index = self._index
         recs = self._recs
@@ -486,11 +485,16 @@ class PeerCache:
         while True:
             e = index[i]
             if e < 0:
-                return None
+                return i, -1
             rec = recs[e]
             if rec[0] == n and rec.startswith(session_id, _SID_OFF):
                 return i, e
             i = (i + 1) & mask
+
+    def _find(self, session_id: bytes) -> tuple[int, int] | None:
+        """(index slot, entry) of session_id, or None."""
+        i, e = self._probe(session_id)
+        return None if e < 0 else (i, e)
 
     def _slot_of(self, e: int) -> int:
         """The index slot that points at entry e (e must be held)."""
@@ -537,7 +541,6 @@ class PeerCache:
         (``size == 0``: until the byte bound holds again)."""
         nxt = self._next
         recs = self._recs
-        hashes = self._hashes
         max_entries = self.max_entries
         max_bytes = self.max_bytes
         now = self._clock()
@@ -549,12 +552,7 @@ class PeerCache:
                 self.expirations += 1
             else:
                 self.evictions += 1
-            index = self._index
-            mask = self._mask
-            i = hashes[e] & mask
-            while index[i] != e:
-                i = (i + 1) & mask
-            self._drop(i, e)
+            self._drop(self._slot_of(e), e)
 
     def _extend(self) -> int:
         """Add a chunk of free entries; returns the first (the new head of the free chain)."""
@@ -580,10 +578,7 @@ class PeerCache:
         hashes = self._hashes
         for e, rec in enumerate(self._recs):
             if rec:
-                i = hashes[e] & mask
-                while index[i] >= 0:
-                    i = (i + 1) & mask
-                index[i] = e
+                index[_empty_slot(index, mask, hashes[e])] = e
         self._index = index
         self._mask = mask
         self._max_load = slots // 2

@@ -24,9 +24,9 @@ from typing import Any
 from aio_pika.abc import AbstractChannel, AbstractQueue, AbstractRobustConnection
 
 from sessionbus.bus.topology import Topology, declare_replica_queue
-from sessionbus.consumer import metrics
 from sessionbus.consumer.peer_cache import PeerCache
 from sessionbus.consumer.subscription import QueueSource, StreamSource, Subscription
+from sessionbus.metrics import OUTCOMES, Metrics
 from sessionbus.schemas.codec import (
     DEFAULT_LIMITS,
     H_ORIGIN,
@@ -37,6 +37,7 @@ from sessionbus.schemas.codec import (
 )
 from sessionbus.schemas.events import EventType
 from sessionbus.schemas.sealing import BusKeys
+from sessionbus.tasks import Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +63,13 @@ class Replicator:
         cache: PeerCache,
         settings: ReplicatorSettings,
         limits: Limits = DEFAULT_LIMITS,
+        *,
+        metrics: Metrics | None = None,
+        supervisor: Supervisor | None = None,
     ) -> None:
         self.cache = cache
+        self._metrics = metrics = metrics or Metrics()
+        self._supervisor = supervisor or Supervisor(metrics)
         self.settings = settings
         self._conn = connection
         self._topo = topology
@@ -73,17 +79,16 @@ class Replicator:
         self._queue_ready_at = 0.0
         self._tasks: list[asyncio.Task[None]] = []
         self.caught_up = asyncio.Event()
-        c = metrics.EVENTS_CONSUMED
+        c = metrics.delivery.events_consumed
         self._m = {
             (t, o): c.labels(t.value, o)
             for t in (EventType.NEW, EventType.REMOVE)
-            for o in metrics.OUTCOMES
+            for o in OUTCOMES
         }
-        self._lag = metrics.REPLICATION_LAG
+        self._replica_m = metrics.replica
+        self._lag = self._replica_m.lag
         self._node_id_bytes = settings.node_id.encode()
 
-        self._evictions_seen = 0
-        self._expirations_seen = 0
 
     @staticmethod
     def _decode_batch(
@@ -119,6 +124,7 @@ class Replicator:
         self._live = Subscription(
             self._conn, self._topo, QueueSource(self._topo.replica_queue(node), declare),
             self._decode_live, self._on_live, prefetch=self.settings.prefetch,
+            metrics=self._metrics, supervisor=self._supervisor,
         )
         await self._live.start()
         if self.settings.replay:
@@ -128,13 +134,13 @@ class Replicator:
             self._replay = Subscription(
                 self._conn, self._topo, StreamSource(self._topo.session_stream, since),
                 self._decode, self._on_replayed, prefetch=self.settings.prefetch,
-                report_rejects=False,
+                report_rejects=False, metrics=self._metrics, supervisor=self._supervisor,
             )
             await self._replay.start()
-            self._tasks.append(asyncio.get_running_loop().create_task(self._watch_replay()))
+            self._tasks.append(self._supervisor.spawn(self._watch_replay(), "replicator"))
         else:
             self._set_caught_up()
-        self._tasks.append(asyncio.get_running_loop().create_task(self._housekeeping()))
+        self._tasks.append(self._supervisor.spawn(self._housekeeping(), "replicator"))
 
     async def stop(self, timeout: float = 10.0) -> None:
         for t in self._tasks:
@@ -149,7 +155,7 @@ class Replicator:
     def _set_caught_up(self) -> None:
         if not self.caught_up.is_set():
             self.caught_up.set()
-            metrics.REPLAY_CAUGHT_UP.set(1)
+            self._replica_m.caught_up.set(1)
             log.info("replica %s is warm: %d sessions", self.settings.node_id, len(self.cache))
 
     async def _watch_replay(self) -> None:
@@ -227,12 +233,5 @@ class Replicator:
 
     async def _housekeeping(self) -> None:
         while True:
-            self.cache.sweep()
-            metrics.REPLICA_SESSIONS.set(len(self.cache))
-            metrics.REPLICA_BYTES.set(self.cache.bytes_used)
-            metrics.REPLICA_TOMBSTONES.set(self.cache.tombstones)
-            ev, ex = self.cache.evictions, self.cache.expirations
-            metrics.REPLICA_EVICTIONS.inc(ev - self._evictions_seen)
-            metrics.REPLICA_EXPIRATIONS.inc(ex - self._expirations_seen)
-            self._evictions_seen, self._expirations_seen = ev, ex
+            self.cache.sweep()  # the replica's gauges read it at scrape time
             await asyncio.sleep(1.0)

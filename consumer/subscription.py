@@ -35,10 +35,12 @@ from aio_pika.abc import (
     AbstractRobustQueue,
 )
 
+from sessionbus.bus.connection import BROKER_ERRORS
 from sessionbus.bus.topology import Topology
-from sessionbus.consumer import metrics
+from sessionbus.metrics import Metrics
 from sessionbus.schemas.codec import H_REASON, DecodedBatch
 from sessionbus.schemas.errors import EnvelopeError, Reason
+from sessionbus.tasks import Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +74,12 @@ class Subscription(Generic[T]):
         *,
         prefetch: int = 64,
         report_rejects: bool = True,
+        metrics: Metrics | None = None,
+        supervisor: Supervisor | None = None,
     ) -> None:
         self._conn = connection
+        self._m = (metrics or Metrics()).delivery
+        self._supervisor = supervisor or Supervisor(metrics)
         # False for a replay of messages live consumers already judged: counting and
         # dead-lettering them again would double every reject.
         self._report = report_rejects
@@ -109,12 +115,12 @@ class Subscription(Generic[T]):
             else:
                 self._queue = await channel.get_queue(self._source.name, ensure=True)
         except BaseException:
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(*BROKER_ERRORS):
                 await channel.close()
             raise
         self._channel = channel
         channel.reopen_callbacks.add(self._on_reopen)
-        self._worker = asyncio.get_running_loop().create_task(self._work())
+        self._worker = self._supervisor.spawn(self._work(), "subscription")
         await self._consume()
 
     def _consume_arguments(self) -> dict[str, Any]:
@@ -138,7 +144,7 @@ class Subscription(Generic[T]):
         log.info("subscription %s: channel reopened, subscribing again", self._source.name)
         try:
             await self._consume()
-        except Exception as exc:  # the next reopen tries again
+        except BROKER_ERRORS as exc:  # the next reopen tries again
             log.warning("subscription %s: resubscribe failed: %s", self._source.name, exc)
 
     async def _deliver(self, message: AbstractIncomingMessage) -> None:
@@ -149,7 +155,7 @@ class Subscription(Generic[T]):
         """Stop receiving new deliveries (what is already here is still handled)."""
         self._stopping = True
         if self._queue is not None and self._tag is not None:
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(*BROKER_ERRORS):
                 await asyncio.wait_for(self._queue.cancel(self._tag), 5)
             self._tag = None
 
@@ -174,7 +180,7 @@ class Subscription(Generic[T]):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._worker
         if self._channel is not None and not self._channel.is_closed:
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(*BROKER_ERRORS):
                 await self._channel.close()
         return finished
 
@@ -196,12 +202,11 @@ class Subscription(Generic[T]):
             if self._closing:
                 break
             self._busy = True
+            # An exception here is a bug, not bad input (that is rejected and dead-lettered):
+            # it ends the task, and the supervisor ends the process, instead of a replica that
+            # silently stops applying.
             try:
                 await self._handle(message)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("subscription %s: unexpected error", self._source.name)
             finally:
                 self._busy = False
                 if self._inbox.empty():
@@ -225,19 +230,19 @@ class Subscription(Generic[T]):
             decoded = self._decode(message.body, headers)
         except EnvelopeError as exc:
             if self._report:
-                metrics.EVENTS_REJECTED.labels(exc.reason.value).inc()
+                self._m.events_rejected.labels(exc.reason.value).inc()
                 await self._dead_letter(message, exc.reason.value)
         else:
             failed = await self._handler(decoded) or []
             if isinstance(decoded, DecodedBatch) and decoded.rejected and self._report:
                 for r in decoded.rejected:
-                    metrics.EVENTS_REJECTED.labels(r.reason).inc()
+                    self._m.events_rejected.labels(r.reason).inc()
                 failed = [(r.index, r.reason) for r in decoded.rejected] + failed
             if failed:
                 await self._dead_letter(message, failed[0][1], [i for i, _ in failed])
         if offset is not None:
             self.last_offset = offset
-        with contextlib.suppress(Exception):  # a closed channel: redelivered, applied again
+        with contextlib.suppress(*BROKER_ERRORS):  # a closed channel: redelivered, applied again
             await message.ack()
         self.handled += 1
 
@@ -260,11 +265,11 @@ class Subscription(Generic[T]):
             try:
                 exchange = await self._channel.get_exchange(self._topo.dlx, ensure=False)
                 await asyncio.wait_for(exchange.publish(copy, routing_key=reason), 10)
-                metrics.MESSAGES_DEAD_LETTERED.labels(
+                self._m.dead_lettered.labels(
                     reason if reason in Reason._value2member_map_ else Reason.MALFORMED.value
                 ).inc()
                 return
-            except Exception as exc:
+            except BROKER_ERRORS as exc:
                 log.warning("dead-letter publish failed (attempt %d): %s", attempt + 1,
                             type(exc).__name__)
                 await asyncio.sleep(0.5 * (attempt + 1))

@@ -14,12 +14,13 @@ from typing import Any
 from aio_pika.abc import AbstractChannel, AbstractQueue, AbstractRobustConnection
 
 from sessionbus.bus.topology import Topology, binding_keys
-from sessionbus.consumer import metrics
 from sessionbus.consumer.api import Consumer, Source
 from sessionbus.consumer.subscription import QueueSource, StreamSource, Subscription
+from sessionbus.metrics import Metrics
 from sessionbus.schemas.codec import DecodedBatch, decode_batch
 from sessionbus.schemas.errors import Reason
 from sessionbus.schemas.sealing import BusKeys
+from sessionbus.tasks import Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ def load_consumer(spec: str) -> Consumer:
         raise ImportStringError(f"cannot import {module_name}: {exc}") from None
     obj = getattr(module, attr, None)
     if not isinstance(obj, Consumer):
-        raise ImportStringError(f"{spec} is not a sessionbus.consumer.api.Consumer")
+        raise ImportStringError(f"{spec} is not a consumer (a sessionbus.consumer.api.Consumer)")
     return obj
 
 
@@ -52,12 +53,15 @@ class ConsumerRunner:
 
     def __init__(
         self, connection: AbstractRobustConnection, topology: Topology, keys: BusKeys,
-        consumer: Consumer,
+        consumer: Consumer, *, metrics: Metrics | None = None,
+        supervisor: Supervisor | None = None,
     ) -> None:
         self.consumer = consumer
         self._topo = topology
-        self._duration = metrics.HANDLER_DURATION.labels(consumer.name)
-        self._failures = metrics.HANDLER_FAILURES.labels(consumer.name)
+        metrics = metrics or Metrics()
+        self._delivery = metrics.delivery
+        self._duration = metrics.consumers.handler_duration.labels(consumer.name)
+        self._failures = metrics.consumers.handler_failures.labels(consumer.name)
         source: QueueSource | StreamSource
         if consumer.source is Source.STREAM:
             source = StreamSource(topology.session_stream, consumer.replay_from)
@@ -65,7 +69,7 @@ class ConsumerRunner:
             source = QueueSource(topology.consumer_queue(consumer.name), self._declare)
         self.subscription: Subscription[DecodedBatch] = Subscription(
             connection, topology, source, partial(_decode, keys), self._handle,
-            prefetch=consumer.prefetch,
+            prefetch=consumer.prefetch, metrics=metrics, supervisor=supervisor,
         )
 
     async def _declare(self, channel: AbstractChannel) -> AbstractQueue:
@@ -84,7 +88,7 @@ class ConsumerRunner:
     async def _handle(self, batch: DecodedBatch) -> list[tuple[int, str]] | None:
         c = self.consumer
         failed: list[tuple[int, str]] = []
-        consumed = metrics.EVENTS_CONSUMED
+        consumed = self._delivery.events_consumed
         for i, event in enumerate(batch.events):
             if not c.wants(event):
                 continue
@@ -107,19 +111,26 @@ class ConsumerRunner:
             else:
                 failed.append((i, Reason.HANDLER.value))
                 consumed.labels(event.type.value, "rejected").inc()
-                metrics.EVENTS_REJECTED.labels(Reason.HANDLER.value).inc()
+                self._delivery.events_rejected.labels(Reason.HANDLER.value).inc()
         return failed or None
 
 
 class Worker:
     def __init__(
         self, connection: AbstractRobustConnection, topology: Topology, keys: BusKeys,
-        consumers: list[Consumer],
+        consumers: list[Consumer], *, metrics: Metrics | None = None,
+        supervisor: Supervisor | None = None,
     ) -> None:
         names = [c.name for c in consumers]
         if len(set(names)) != len(names):
             raise ValueError("two consumers with one name would share a queue")
-        self.runners = [ConsumerRunner(connection, topology, keys, c) for c in consumers]
+        metrics = metrics or Metrics()
+        self.supervisor = supervisor or Supervisor(metrics)
+        self.runners = [
+            ConsumerRunner(connection, topology, keys, c, metrics=metrics,
+                           supervisor=self.supervisor)
+            for c in consumers
+        ]
 
     async def start(self) -> None:
         for r in self.runners:

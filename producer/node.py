@@ -19,13 +19,15 @@ from aio_pika.abc import AbstractRobustConnection
 
 from sessionbus.bus.connection import BrokerSettings, retry
 from sessionbus.bus.topology import Topology
-from sessionbus.consumer.local_sessions import BusMember
+from sessionbus.consumer.local_sessions import LocalSessions
 from sessionbus.keys.follower import KeyFollower
-from sessionbus.producer import metrics, openssl
+from sessionbus.metrics import Metrics
+from sessionbus.producer import openssl
 from sessionbus.producer.outbox import OutboxSettings
 from sessionbus.producer.session_hooks import SessionHooks
 from sessionbus.producer.ticket_hooks import RingTicketKeys
 from sessionbus.schemas.sealing import BusKeys
+from sessionbus.tasks import Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +80,9 @@ class Node:
         broker: BrokerSettings,
         keys: BusKeys,
         topology: Topology,
+        *,
+        metrics: Metrics | None = None,
+        supervisor: Supervisor | None = None,
     ) -> None:
         if len(settings.sid_ctx) > openssl.MAX_SID_CTX:
             raise ValueError(f"service name longer than {openssl.MAX_SID_CTX} bytes")
@@ -85,18 +90,22 @@ class Node:
         self._broker = broker
         self._keys = keys
         self._topo = topology
-        self.bus = BusMember(
+        self.metrics = metrics = metrics or Metrics()
+        self.supervisor = supervisor = supervisor or Supervisor(metrics)
+        self.bus = LocalSessions(
             "node", settings.node_id, topology, keys, broker,
             replication=settings.replication, outbox=settings.outbox, sid_ctx=settings.sid_ctx,
             session_lifetime=float(settings.session_timeout),
             max_entries=settings.max_replica_entries, max_bytes=settings.max_replica_bytes,
+            metrics=metrics, supervisor=supervisor,
         )
         self.cache, self.outbox = self.bus.cache, self.bus.outbox
         self.hooks = SessionHooks(
             settings.node_id, settings.sid_ctx, self.cache, self.outbox,
-            stateless_tickets=settings.tickets is TicketMode.STATELESS,
+            stateless_tickets=settings.tickets is TicketMode.STATELESS, metrics=metrics,
         )
-        self.ticket_keys = RingTicketKeys()
+        self._handshakes = {k: metrics.node.handshakes.labels(k) for k in ("full", "resumed")}
+        self.ticket_keys = RingTicketKeys(metrics=metrics)
         self.context = make_context(settings)
         openssl.install_session_cache(
             self.context, self.hooks, sid_ctx=settings.sid_ctx, timeout=settings.session_timeout
@@ -136,7 +145,8 @@ class Node:
 
     async def _follow_keys(self, conn: AbstractRobustConnection) -> None:
         self.key_follower = KeyFollower(conn, self._topo, self._keys,
-                                        on_ring=self.ticket_keys.update)
+                                        on_ring=self.ticket_keys.update, metrics=self.metrics,
+                                        supervisor=self.supervisor)
         await retry(self.key_follower.start, "following the key stream")
 
     async def wait_bus_ready(self, timeout: float) -> bool:
@@ -159,7 +169,7 @@ class Node:
         assert task is not None
         self._conns.add(task)
         sslobj = writer.get_extra_info("ssl_object")
-        metrics.HANDSHAKES.labels("resumed" if sslobj.session_reused else "full").inc()
+        self._handshakes["resumed" if sslobj.session_reused else "full"].inc()
         try:
             if self.settings.upstream is not None:
                 await self._forward(reader, writer, *self.settings.upstream)
@@ -174,7 +184,7 @@ class Node:
         finally:
             self._conns.discard(task)
             writer.close()
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(OSError, TimeoutError):  # the peer is gone: nothing to do
                 await asyncio.wait_for(writer.wait_closed(), 2)
 
     async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -202,7 +212,7 @@ class Node:
                     dst.write(data)
                     await dst.drain()
             finally:
-                with contextlib.suppress(Exception):
+                with contextlib.suppress(OSError, RuntimeError):  # RuntimeError: transport closed
                     if dst.can_write_eof():
                         dst.write_eof()
 

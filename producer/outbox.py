@@ -19,19 +19,25 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
+from typing import cast
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
 from aiormq.exceptions import DeliveryError, PublishError
 
+from sessionbus.bus.connection import BROKER_ERRORS
 from sessionbus.bus.topology import Topology, declare_core, session_routing_key
-from sessionbus.producer import metrics
+from sessionbus.metrics import Metrics
 from sessionbus.schemas.codec import CONTENT_TYPE, encode_rows
 from sessionbus.schemas.events import EventType, RemoveReason
+from sessionbus.schemas.rows import GetRow, NewRow, RemoveRow, Row
 from sessionbus.schemas.sealing import BusKeys
 
 log = logging.getLogger(__name__)
+
+# put_get builds its row in one C call (tuple.__new__), not through GetRow's Python __new__: a
+# cache front queues one per get (bench row httpd_cache "resumed 1.2 handshakes/s").
+_new_row = tuple.__new__
 
 _PRIORITY = (EventType.NEW, EventType.REMOVE, EventType.GET)
 _ROW_OVERHEAD = 128  # msgpack framing, id, sid_ctx, times of one row, generously
@@ -71,12 +77,13 @@ class Outbox:
         topology: Topology,
         keys: BusKeys,
         settings: OutboxSettings = OutboxSettings(),
+        metrics: Metrics | None = None,
     ) -> None:
         self.origin = origin
         self._topo = topology
         self._keys = keys
         self._s = settings
-        self._queues: dict[EventType, deque[list[Any]]] = {t: deque() for t in _PRIORITY}
+        self._queues: dict[EventType, deque[Row]] = {t: deque() for t in _PRIORITY}
         self._gets = self._queues[EventType.GET]
         self._depth = 0
         self._seq = 0
@@ -88,10 +95,10 @@ class Outbox:
         self._idle.set()
         self._channel: AbstractChannel | None = None
         self.blocked = False  # events wait and the last publish attempt failed
-        self._published = {t: metrics.EVENTS_PUBLISHED.labels(t.value) for t in _PRIORITY}
-        self._dropped = {t: metrics.EVENTS_DROPPED.labels(t.value) for t in _PRIORITY}
-        metrics.OUTBOX_CAPACITY.set(settings.capacity)
-        metrics.OUTBOX_DEPTH.set_function(lambda: self._depth)
+        self._m = (metrics or Metrics()).outbox
+        self._published = {t: self._m.published.labels(t.value) for t in _PRIORITY}
+        self._dropped = {t: self._m.dropped.labels(t.value) for t in _PRIORITY}
+        self._m.track(lambda: self._depth, settings.capacity, lambda: self.blocked)
 
     @property
     def depth(self) -> int:
@@ -101,7 +108,8 @@ class Outbox:
 
     def put_new(self, session_id: bytes, sid_ctx: bytes, expires: float, der: bytes,
                 opaque: bool = False) -> None:
-        self._put(EventType.NEW, session_id, [sid_ctx, expires, der, opaque])
+        self._put(EventType.NEW, NewRow(self._next_seq(), time.time(), session_id, sid_ctx,
+                                        expires, der, opaque))
 
     def put_get(self, session_id: bytes, sid_ctx: bytes, expires: float, hit: bool,
                 session_origin: str | None) -> None:
@@ -110,8 +118,8 @@ class Outbox:
             return
         self._seq += 1
         gets = self._gets
-        gets.append([self._seq, time.time(), session_id, sid_ctx, expires, hit,
-                     session_origin or ""])
+        gets.append(_new_row(GetRow, (self._seq, time.time(), session_id, sid_ctx, expires, hit,
+                                      session_origin or "")))
         self._depth += 1
         # An event joining held events changes nothing for the publisher until the batch is
         # full: waking it per event (a timer and a task each time) cost a cache front more CPU
@@ -124,15 +132,19 @@ class Outbox:
 
     def put_remove(self, session_id: bytes, sid_ctx: bytes, expires: float,
                    reason: RemoveReason) -> None:
-        self._put(EventType.REMOVE, session_id, [sid_ctx, expires, reason.value])
+        self._put(EventType.REMOVE, RemoveRow(self._next_seq(), time.time(), session_id,
+                                              sid_ctx, expires, reason.value))
 
-    def _put(self, type_: EventType, session_id: bytes, tail: list[Any]) -> None:
-        """Queue a NEW or REMOVE (``tail``: the row after seq, time and id)."""
+    def _next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    def _put(self, type_: EventType, row: Row) -> None:
+        """Queue a NEW or REMOVE row."""
         if self._depth >= self._s.capacity and not self._make_room(type_):
             return
-        self._seq += 1
         q = self._queues[type_]
-        q.append([self._seq, time.time(), session_id, *tail])
+        q.append(row)
         self._depth += 1
         if self._depth == 1:
             self._idle.clear()
@@ -183,18 +195,18 @@ class Outbox:
                 waits.append(self._slot_wait(t, q, now))
         return max(0.0, min(waits)) if waits else 0.0
 
-    def _slot_wait(self, type_: EventType, q: deque[list[Any]], now: float) -> float:
+    def _slot_wait(self, type_: EventType, q: deque[Row], now: float) -> float:
         if not self._s.min_interval or len(q) >= self._s.batch_max:
             return 0.0
         return self._last_taken[type_] + self._s.min_interval - now
 
-    def _get_wait(self, gets: deque[list[Any]], now: float) -> float:
+    def _get_wait(self, gets: deque[Row], now: float) -> float:
         if len(gets) >= self._s.get_batch_max:
             return 0.0
-        oldest: float = gets[0][1]
+        oldest: float = gets[0].time
         return oldest + self._s.get_linger - now
 
-    def _take(self, everything: bool = False) -> tuple[EventType, list[list[Any]]] | None:
+    def _take(self, everything: bool = False) -> tuple[EventType, list[Row]] | None:
         """The next batch: of the types that are due (see ``_hold``; all if ``everything``),
         from the one whose oldest event is oldest, as many as may go.
 
@@ -210,10 +222,10 @@ class Outbox:
         for t, q in self._queues.items():
             if not q:
                 continue
-            heads.append((q[0][0], t))
+            heads.append((q[0].seq, t))
             wait = self._get_wait(q, now) if t is EventType.GET else self._slot_wait(t, q, now)
             if everything or wait <= 0:
-                due.append((q[0][0], t))
+                due.append((q[0].seq, t))
         if not due:
             return None
         taken = self._take_from(min(due)[1])
@@ -223,7 +235,7 @@ class Outbox:
             self._last_taken[taken[0]] = now
         return taken
 
-    def _take_from(self, type_: EventType) -> tuple[EventType, list[list[Any]]] | None:
+    def _take_from(self, type_: EventType) -> tuple[EventType, list[Row]] | None:
         q = self._queues[type_]
         n = min(len(q), self._s.get_batch_max if type_ is EventType.GET else self._s.batch_max)
         candidate = list(itertools.islice(q, n))
@@ -232,25 +244,25 @@ class Outbox:
             # sessions with client certificates can be a few KB each.
             size = 0
             for i, row in enumerate(candidate):
-                size += len(row[5]) + _ROW_OVERHEAD
+                size += len(cast(NewRow, row).der) + _ROW_OVERHEAD
                 if size > self._s.batch_bytes and i:
                     candidate = candidate[:i]
                     break
-        last_seq = candidate[-1][0]
+        last_seq = candidate[-1].seq
         older: dict[bytes, int] = {}
         for t, other in self._queues.items():
             if t is type_:
                 continue
             for row in other:
-                if row[0] > last_seq:
+                if row.seq > last_seq:
                     break
-                seen = older.get(row[2])
-                if seen is None or row[0] < seen:
-                    older[row[2]] = row[0]
+                seen = older.get(row.session_id)
+                if seen is None or row.seq < seen:
+                    older[row.session_id] = row.seq
         if older:
             for i, row in enumerate(candidate):
-                first = older.get(row[2])
-                if first is not None and first < row[0]:
+                first = older.get(row.session_id)
+                if first is not None and first < row.seq:
                     candidate = candidate[:i]
                     break
         if not candidate:
@@ -260,7 +272,7 @@ class Outbox:
         self._depth -= len(candidate)
         return type_, candidate
 
-    def _give_back(self, type_: EventType, rows: list[list[Any]]) -> None:
+    def _give_back(self, type_: EventType, rows: list[Row]) -> None:
         self._queues[type_].extendleft(reversed(rows))
         self._depth += len(rows)
         # Over capacity after a give-back: trim in the same order as _put would have.
@@ -277,8 +289,15 @@ class Outbox:
         exchange: AbstractExchange | None = None
         failed = asyncio.Event()
         tasks: set[asyncio.Task[None]] = set()
+        crashed: list[BaseException] = []  # a publish that raised something not the broker's
 
-        async def publish(type_: EventType, rows: list[list[Any]],
+        def done(task: asyncio.Task[None]) -> None:
+            tasks.discard(task)
+            if not task.cancelled() and task.exception() is not None:
+                crashed.append(task.exception())  # type: ignore[arg-type]
+                self._wake.set()
+
+        async def publish(type_: EventType, rows: list[Row],
                           exchange: AbstractExchange) -> None:
             try:
                 body, headers = encode_rows(type_, self.origin, rows, self._keys)
@@ -295,7 +314,7 @@ class Outbox:
                     ),
                     self._s.publish_timeout,
                 )
-            except Exception as exc:
+            except BROKER_ERRORS as exc:
                 reason = (
                     "timeout" if isinstance(exc, TimeoutError)
                     else "returned" if isinstance(exc, PublishError)
@@ -303,8 +322,8 @@ class Outbox:
                     else "connection"
                 )
                 if reason == "returned":
-                    metrics.MESSAGES_RETURNED.labels(type_.value).inc()
-                metrics.PUBLISH_FAILURES.labels(reason).inc()
+                    self._m.returned.labels(type_.value).inc()
+                self._m.publish_failures.labels(reason).inc()
                 log.warning("publish of %d %s events failed (%s); will resend", len(rows),
                             type_.value, type(exc).__name__)
                 self._give_back(type_, rows)
@@ -321,6 +340,8 @@ class Outbox:
                 self._wake.set()
 
         while True:
+            if crashed:
+                raise crashed[0]  # a bug: the supervisor logs it and ends the process
             if self._depth == 0:
                 self._wake.clear()
                 if self._in_flight == 0:
@@ -333,7 +354,7 @@ class Outbox:
                 await connection.connected.wait()
                 try:
                     exchange = await self._open(connection)
-                except Exception as exc:
+                except BROKER_ERRORS as exc:
                     log.warning("cannot open publishing channel: %s", type(exc).__name__)
                     self._set_blocked(True)
                     await asyncio.sleep(0.5)
@@ -357,17 +378,16 @@ class Outbox:
             self._in_flight += 1
             task = asyncio.get_running_loop().create_task(publish(*taken, exchange))
             tasks.add(task)
-            task.add_done_callback(tasks.discard)
+            task.add_done_callback(done)
             if failed.is_set():
                 await asyncio.sleep(0.2)  # the connection is going: let it go before retrying
 
     def _set_blocked(self, blocked: bool) -> None:
         self.blocked = blocked
-        metrics.OUTBOX_BLOCKED.set(1 if blocked else 0)
 
     async def _open(self, connection: AbstractRobustConnection) -> AbstractExchange:
         if self._channel is not None:  # one publishing channel at a time
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(*BROKER_ERRORS):
                 await asyncio.wait_for(self._channel.close(), 2)
         # on_return_raises: a NEW/REMOVE no queue took (mandatory) fails its publish and goes
         # back into the outbox, instead of aio-pika resolving the publish with the returned

@@ -15,7 +15,7 @@ import time
 from collections import OrderedDict
 
 from sessionbus.consumer.peer_cache import PeerCache
-from sessionbus.producer import metrics
+from sessionbus.metrics import Metrics
 from sessionbus.producer.outbox import Outbox
 from sessionbus.schemas.events import RemoveReason
 from sessionbus.schemas.session_der import DerError, parse_session
@@ -29,7 +29,7 @@ class SessionHooks:
 
     def __init__(
         self, node_id: str, sid_ctx: bytes, cache: PeerCache, outbox: Outbox | None,
-        *, stateless_tickets: bool = False,
+        *, stateless_tickets: bool = False, metrics: Metrics | None = None,
     ) -> None:
         self.node_id = node_id
         # With stateless tickets OpenSSL still calls the new callback for every TLS 1.3 ticket
@@ -39,8 +39,10 @@ class SessionHooks:
         self.cache = cache
         self.outbox = outbox  # None: replication off (a lone node, or the benchmark's baseline)
         self._marked: OrderedDict[bytes, None] = OrderedDict()
-        self._hit = metrics.LOOKUPS.labels("hit")
-        self._miss = metrics.LOOKUPS.labels("miss")
+        m = (metrics or Metrics()).node
+        self._hit = m.lookups.labels("hit")
+        self._miss = m.lookups.labels("miss")
+        self._removes_propagated = m.removes_propagated
 
     def on_new(self, session_id: bytes, der: bytes, expires_at: float) -> None:
         if self._skip_tls13 and _is_tls13(der):
@@ -81,7 +83,7 @@ class SessionHooks:
         found = self.cache.get(session_id)
         expires = found.expires if found else time.time() + 86400.0
         self.revoke(session_id, expires, RemoveReason.ALERT)
-        metrics.REMOVES_PROPAGATED.inc()
+        self._removes_propagated.inc()
         return True
 
     def revoke(self, session_id: bytes, expires: float, reason: RemoveReason) -> None:

@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import time
 
-from sessionbus.producer import metrics
+from sessionbus.metrics import Metrics
 from sessionbus.schemas.ticket_keys import KeyRing
 
 
 class RingTicketKeys:
-    def __init__(self, ring: KeyRing | None = None) -> None:
+    def __init__(self, ring: KeyRing | None = None, metrics: Metrics | None = None) -> None:
         self.ring = ring
-        self._results = {
-            r: metrics.TICKET_DECRYPTIONS.labels(r) for r in ("current", "renewed", "unknown")
-        }
+        decryptions = (metrics or Metrics()).node.ticket_decryptions
+        self._results = {r: decryptions.labels(r) for r in ("current", "renewed", "unknown")}
 
     def update(self, ring: KeyRing) -> None:
         self.ring = ring

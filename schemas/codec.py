@@ -28,6 +28,7 @@ from sessionbus.schemas.events import (
     SessionEvent,
     valid_node_id,
 )
+from sessionbus.schemas.rows import ROW_LENGTH, GetRow, NewRow, RemoveRow, Row
 from sessionbus.schemas.sealing import BusKeys
 from sessionbus.schemas.session_der import DerError, parse_session
 from sessionbus.schemas.ticket_keys import KeyRing, TicketKey
@@ -38,7 +39,6 @@ H_TYPE = "sessionbus-type"
 H_ORIGIN = "sessionbus-origin"
 H_REASON = "sessionbus-reject-reason"  # set on dead-lettered copies
 
-_NEW_LEN, _GET_LEN, _REMOVE_LEN = 7, 7, 6
 _REMOVE_REASONS = {r.value: r for r in RemoveReason}
 
 
@@ -72,15 +72,19 @@ def _headers(type_: EventType, origin: str) -> dict[str, Any]:
 
 
 def event_row(ev: SessionEvent) -> list[Any]:
-    """The wire row of one event (also what the outbox queues: no object per event needed)."""
-    head = [ev.seq, ev.time, ev.session_id, ev.sid_ctx, ev.expires]
+    """The wire row of one event, as msgpack carries it (``rows``: the outbox builds the same
+    rows directly)."""
+    head = (ev.seq, ev.time, ev.session_id, ev.sid_ctx, ev.expires)
+    row: Row
     if ev.type is EventType.NEW:
-        return [*head, ev.der or b"", False]
-    if ev.type is EventType.GET:
-        return [*head, bool(ev.hit), ev.session_origin or ""]
-    if ev.type is EventType.REMOVE:
-        return [*head, (ev.reason or RemoveReason.REVOKE).value]
-    raise ValueError(f"not a session event type: {ev.type}")
+        row = NewRow(*head, ev.der or b"", False)
+    elif ev.type is EventType.GET:
+        row = GetRow(*head, bool(ev.hit), ev.session_origin or "")
+    elif ev.type is EventType.REMOVE:
+        row = RemoveRow(*head, (ev.reason or RemoveReason.REVOKE).value)
+    else:
+        raise ValueError(f"not a session event type: {ev.type}")
+    return list(row)
 
 
 def encode_rows(
@@ -210,8 +214,7 @@ def _event(
     want_ctx: bytes | None,
     limits: Limits,
 ) -> SessionEvent:
-    want_len = {EventType.NEW: _NEW_LEN, EventType.GET: _GET_LEN}.get(type_, _REMOVE_LEN)
-    if not isinstance(row, list) or len(row) != want_len:
+    if not isinstance(row, list) or len(row) != ROW_LENGTH[type_]:
         raise EnvelopeError(Reason.FIELD, "event row shape")
     seq, t, sid, ctx, expires = row[:5]
     if (

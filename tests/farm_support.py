@@ -80,10 +80,12 @@ class Proc:
         return self.popen.returncode
 
 
-def start(args: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> Proc:
+def start(args: list[str], env: dict[str, str] | None = None, cwd: Path | None = None,
+          module: str = "sessionbus") -> Proc:
+    """``python -m MODULE ARGS`` (the CLI; ``tests.inject_fault`` for the supervision tests)."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     popen = subprocess.Popen(
-        [sys.executable, "-m", "sessionbus", *args],
+        [sys.executable, "-m", module, *args],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env,
         cwd=str(cwd or REPO),
     )

@@ -18,12 +18,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from prometheus_client import REGISTRY
 
 from sessionbus.bus.connection import BrokerSettings
 from sessionbus.bus.topology import Topology
 from sessionbus.consumer.peer_cache import PeerCache
-from sessionbus.producer import metrics
 from sessionbus.schemas.events import RemoveReason
 from sessionbus.schemas.sealing import BusKeys, new_key
 from sessionbus.schemas.session_der import parse_session
@@ -538,8 +536,10 @@ async def test_a_slow_reader_gets_every_answer_once_it_reads(front: Front, clien
 
 
 async def test_metrics_count_requests_and_connections(front: Front, clients: Any) -> None:
+    registry = front.front.metrics.registry
+
     def count(command: str, result: str) -> float:
-        value = REGISTRY.get_sample_value(
+        value = registry.get_sample_value(
             "sessionbus_cache_requests_total",
             {"protocol": "memcache", "command": command, "result": result},
         )
@@ -547,10 +547,10 @@ async def test_metrics_count_requests_and_connections(front: Front, clients: Any
 
     hits, misses = count("get", "hit"), count("get", "miss")
     stored, deleted = count("set", "stored"), count("delete", "deleted")
-    observed_before = REGISTRY.get_sample_value(
+    observed_before = registry.get_sample_value(
         "sessionbus_cache_request_duration_seconds_count", {"protocol": "memcache"}
     ) or 0.0
-    before = metrics.CACHE_CONNECTIONS._value.get()
+    before = front.front.metrics.value("sessionbus_cache_connections")
     c = await clients(front.mc_port)
     der = tls_session()
     await c.ask(mc_set(mc_key(der), der))
@@ -561,12 +561,12 @@ async def test_metrics_count_requests_and_connections(front: Front, clients: Any
     assert count("get", "hit") == hits + 2 and count("get", "miss") == misses + 2
     assert await c.ask(b"delete " + mc_key(der) + b" 0\r\n") == b"DELETED\r\n"
     assert count("set", "stored") == stored + 1 and count("delete", "deleted") == deleted + 1
-    assert metrics.CACHE_CONNECTIONS._value.get() == before + 1
-    observed = REGISTRY.get_sample_value(
+    assert front.front.metrics.value("sessionbus_cache_connections") == before + 1
+    observed = registry.get_sample_value(
         "sessionbus_cache_request_duration_seconds_count", {"protocol": "memcache"}
     )
     assert observed is not None and observed >= observed_before + 5
-    inf = REGISTRY.get_sample_value(
+    inf = registry.get_sample_value(
         "sessionbus_cache_request_duration_seconds_bucket", {"protocol": "memcache", "le": "+Inf"}
     )
     assert inf == observed

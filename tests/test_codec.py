@@ -7,6 +7,7 @@ import os
 import shutil
 import stat
 import subprocess
+import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -833,3 +834,29 @@ def test_ticket_key_repr_hides_secrets() -> None:
         assert k.name.hex() in text
         for secret in (k.hmac_secret, k.aes_secret):
             assert secret.hex() not in text and repr(secret) not in text
+
+
+def test_what_the_outbox_queues_decodes_to_the_events_it_was_given(bus_keys: BusKeys) -> None:
+    """The row layout (``schemas.rows``) is written once; the outbox builds rows directly and
+    the codec reads them: a drift between the two fails here."""
+    from sessionbus.bus.topology import Topology
+    from sessionbus.producer.outbox import Outbox
+
+    box = Outbox("node-r", Topology("t"), bus_keys)
+    sid = os.urandom(32)
+    der = make_session_der(sid, CTX, int(time.time()), 300)
+    expires = time.time() + 300
+    box.put_new(sid, CTX, expires, der)
+    box.put_get(sid, CTX, expires, True, "node-q")
+    box.put_remove(sid, CTX, expires, RemoveReason.ALERT)
+    decoded = {}
+    for type_, queue in box._queues.items():
+        body, headers = encode_rows(type_, "node-r", list(queue), bus_keys)
+        batch = decode_batch(body, headers, bus_keys, sid_ctx=CTX)
+        assert not batch.rejected
+        (decoded[type_],) = batch.events
+    new, get, remove = decoded[EventType.NEW], decoded[EventType.GET], decoded[EventType.REMOVE]
+    assert (new.session_id, new.sid_ctx, new.der, new.origin) == (sid, CTX, der, "node-r")
+    assert (get.hit, get.session_origin, get.session_id) == (True, "node-q", sid)
+    assert (remove.reason, remove.session_id) == (RemoveReason.ALERT, sid)
+    assert new.seq < get.seq < remove.seq and new.expires == get.expires == expires

@@ -25,7 +25,6 @@ from pathlib import Path
 import aio_pika
 import pytest
 from aio_pika.abc import AbstractRobustConnection
-from prometheus_client import REGISTRY
 
 from sessionbus.bus.topology import Topology, declare_core, declare_keys, key_routing_key
 from sessionbus.schemas.codec import CONTENT_TYPE, encode_key_ring
@@ -117,8 +116,8 @@ def on_disk(out: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in out.iterdir() if not p.name.startswith(".")}
 
 
-def failures_total() -> float:
-    return REGISTRY.get_sample_value("sessionbus_keyfile_command_failures_total") or 0.0
+def failures_total(runner: KeyfileRunner) -> float:
+    return runner.metrics.value("sessionbus_keyfile_command_failures_total")
 
 
 def contains_key(files: dict[str, bytes], k: TicketKey) -> bool:
@@ -197,14 +196,13 @@ async def test_failing_command_is_counted_and_retried(
     await publish(connection, topology, bus_keys, make_ring(1, cur))
     out, counter, flag = private_dir(tmp_path), tmp_path / "runs", tmp_path / "fail"
     flag.touch()
-    before = failures_total()
     settings = KeyfileSettings(KeyFileFormat.HAPROXY, out, counter_command(counter, flag))
     runner = await start_runner(runners, connection, topology, bus_keys, settings)
 
     # the first run fails; it is retried without any change (backoff 1 s, 2 s, ...)
     assert await until(lambda: runner.command_failures >= 2, timeout=6)
     assert runs(counter) == runner.command_failures
-    assert failures_total() - before == runner.command_failures
+    assert failures_total(runner) == runner.command_failures  # its own registry starts at 0
     logged = caplog.text
     assert "exit 7: reload refused: flag present" in logged
     assert "second line never logged" not in logged
@@ -221,7 +219,7 @@ async def test_failing_command_is_counted_and_retried(
     settled = runs(counter)
     await asyncio.sleep(2.5)
     assert runs(counter) == settled  # no more retries once it succeeded
-    assert failures_total() - before == failed
+    assert failures_total(runner) == failed
 
 
 async def test_erased_key_leaves_the_files_on_time_with_the_publisher_silent(
@@ -237,7 +235,7 @@ async def test_erased_key_leaves_the_files_on_time_with_the_publisher_silent(
     runner = await start_runner(runners, connection, topology, bus_keys, settings)
     assert await until(lambda: runs(counter) == 1)
     assert contains_key(on_disk(out), old)
-    age0 = REGISTRY.get_sample_value("sessionbus_ticket_key_newest_age_seconds")
+    age0 = runner.metrics.registry.get_sample_value("sessionbus_ticket_key_newest_age_seconds")
     assert age0 is not None
 
     # nothing is published from here on
@@ -248,7 +246,7 @@ async def test_erased_key_leaves_the_files_on_time_with_the_publisher_silent(
     files = on_disk(out)
     assert len(files) == 3 and contains_key(files, cur)
     # tickets keep working under the last ring, and the age of its newest key shows the silence
-    age1 = REGISTRY.get_sample_value("sessionbus_ticket_key_newest_age_seconds")
+    age1 = runner.metrics.registry.get_sample_value("sessionbus_ticket_key_newest_age_seconds")
     assert age1 is not None and age1 >= age0 + 2.0
     assert runner.sets_written == 2
 

@@ -4,19 +4,20 @@ from __future__ import annotations
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from prometheus_client import REGISTRY
 
 from sessionbus.bus.topology import Topology
+from sessionbus.metrics import Metrics
 from sessionbus.producer.outbox import Outbox, OutboxSettings
 from sessionbus.schemas.codec import DEFAULT_LIMITS, decode_batch, encode_rows
 from sessionbus.schemas.events import EventType, RemoveReason
 from sessionbus.schemas.sealing import BusKeys, new_key
 
 KEYS = BusKeys([new_key()])
+METRICS = Metrics()  # this module's own registry: what its components count
 
 
 def dropped(type_: str) -> float:
-    return REGISTRY.get_sample_value("sessionbus_events_dropped_total", {"type": type_}) or 0.0
+    return METRICS.value("sessionbus_events_dropped_total", {"type": type_})
 
 
 def put(box: Outbox, type_: EventType, sid: bytes) -> None:
@@ -36,7 +37,7 @@ def drain(box: Outbox, everything: bool = True) -> list[tuple[EventType, list[li
 
 
 def test_full_outbox_drops_get_first_and_counts() -> None:
-    box = Outbox("node-a", Topology(), KEYS, OutboxSettings(capacity=10))
+    box = Outbox("node-a", Topology(), KEYS, OutboxSettings(capacity=10), metrics=METRICS)
     before = {t: dropped(t) for t in ("new", "get", "remove")}
     for i in range(6):
         put(box, EventType.GET, bytes([i]))
@@ -63,7 +64,7 @@ def test_full_outbox_drops_get_first_and_counts() -> None:
 def test_batches_keep_every_sessions_order(events: list[tuple[EventType, int]],
                                            batch_max: int) -> None:
     box = Outbox("node-a", Topology(), KEYS,
-                  OutboxSettings(batch_max=batch_max, get_batch_max=batch_max + 3))
+                  OutboxSettings(batch_max=batch_max, get_batch_max=batch_max + 3), metrics=METRICS)
     for type_, s in events:
         put(box, type_, bytes([s]))
     # first what may go while GETs are held (a NEW or REMOVE behind an older GET of its
@@ -85,7 +86,7 @@ def test_new_batches_are_bounded_by_bytes_as_well() -> None:
     """Large sessions (client certificate chains) must not add up past receivers' limit."""
 
 
-    box = Outbox("node-a", Topology(), KEYS, OutboxSettings(batch_bytes=64 * 1024))
+    box = Outbox("node-a", Topology(), KEYS, OutboxSettings(batch_bytes=64 * 1024), metrics=METRICS)
     for i in range(40):
         box.put_new(bytes([i]) * 32, b"ctx", 1e10, b"x" * 15_000, opaque=True)
     batches = drain(box)
@@ -99,7 +100,7 @@ def test_new_batches_are_bounded_by_bytes_as_well() -> None:
 
 def test_gets_are_held_and_do_not_wake_the_publisher_one_by_one() -> None:
     box = Outbox("a", Topology("t"), KEYS,
-                 OutboxSettings(batch_max=2, get_batch_max=4, get_linger=0.25))
+                 OutboxSettings(batch_max=2, get_batch_max=4, get_linger=0.25), metrics=METRICS)
     put(box, EventType.GET, b"s1")
     assert box._wake.is_set()  # from empty: the publisher must start the hold
     assert 0.2 < box._hold() <= 0.25
@@ -122,7 +123,8 @@ def test_gets_are_held_and_do_not_wake_the_publisher_one_by_one() -> None:
 
 
 def test_min_interval_spaces_messages_of_a_type_and_lets_the_first_go_at_once() -> None:
-    box = Outbox("a", Topology("t"), KEYS, OutboxSettings(batch_max=3, min_interval=0.05))
+    box = Outbox("a", Topology("t"), KEYS, OutboxSettings(batch_max=3, min_interval=0.05),
+                 metrics=METRICS)
     put(box, EventType.NEW, b"s1")
     assert box._wake.is_set() and box._hold() == 0.0  # after a quiet spell: at once
     assert [(t, len(r)) for t, r in drain(box, everything=False)] == [(EventType.NEW, 1)]
@@ -143,7 +145,7 @@ def test_min_interval_spaces_messages_of_a_type_and_lets_the_first_go_at_once() 
 
 
 def test_an_event_behind_an_older_one_of_its_session_waits_for_it() -> None:
-    box = Outbox("a", Topology("t"), KEYS, OutboxSettings(min_interval=0.05))
+    box = Outbox("a", Topology("t"), KEYS, OutboxSettings(min_interval=0.05), metrics=METRICS)
     put(box, EventType.REMOVE, b"s1")
     drain(box, everything=False)  # a REMOVE message just left
     put(box, EventType.REMOVE, b"s1")  # waits for REMOVE's next slot
@@ -152,7 +154,7 @@ def test_an_event_behind_an_older_one_of_its_session_waits_for_it() -> None:
 
 
 def test_waiting_events_are_due_after_the_interval() -> None:
-    box = Outbox("a", Topology("t"), KEYS, OutboxSettings(min_interval=0.05))
+    box = Outbox("a", Topology("t"), KEYS, OutboxSettings(min_interval=0.05), metrics=METRICS)
     put(box, EventType.REMOVE, b"s1")
     drain(box, everything=False)
     put(box, EventType.REMOVE, b"s2")

@@ -8,16 +8,19 @@ import contextlib
 
 import pytest
 from aio_pika.abc import AbstractRobustConnection
-from prometheus_client import REGISTRY
 
 from sessionbus.bus.topology import Topology, declare_core
+from sessionbus.metrics import Metrics
 from sessionbus.producer.outbox import Outbox
 from sessionbus.schemas.events import EventType
 from sessionbus.schemas.sealing import BusKeys, new_key
 
 
+METRICS = Metrics()
+
+
 def sample(name: str, **labels: str) -> float:
-    return REGISTRY.get_sample_value(name, labels) or 0.0
+    return METRICS.value(name, labels)
 
 
 @pytest.mark.broker
@@ -28,7 +31,7 @@ async def test_returned_event_stays_in_the_outbox_and_goes_again(
     ch = await connection.channel()
     sessions = await declare_core(ch, topology)
     stream = await ch.get_queue(topology.session_stream, ensure=True)
-    box = Outbox("ret-a", topology, BusKeys([new_key()]))
+    box = Outbox("ret-a", topology, BusKeys([new_key()]), metrics=METRICS)
     task = asyncio.get_running_loop().create_task(box.run(connection))
     try:
         box.put_new(b"\x01" * 32, b"ctx", 1e10, b"der")

@@ -33,7 +33,6 @@ from typing import Any
 
 import pytest
 from aio_pika.abc import AbstractRobustConnection
-from prometheus_client import REGISTRY
 from yarl import URL
 
 from bench.reliability_table import record
@@ -42,6 +41,7 @@ from sessionbus.bus.topology import Topology, declare_core, delete_all
 from sessionbus.consumer.peer_cache import PeerCache
 from sessionbus.consumer.replicator import Replicator, ReplicatorSettings
 from sessionbus.consumer.subscription import StreamSource, Subscription
+from sessionbus.metrics import Metrics
 from sessionbus.producer.outbox import Outbox, OutboxSettings
 from sessionbus.schemas.codec import DecodedBatch, decode_batch
 from sessionbus.schemas.events import RemoveReason
@@ -68,8 +68,11 @@ def private_broker() -> Iterator[PrivateBroker]:
         yield broker
 
 
+METRICS = Metrics()  # this module's own registry: what its components count
+
+
 def metric(name: str, labels: dict[str, str]) -> float:
-    return REGISTRY.get_sample_value(name, labels) or 0.0
+    return METRICS.registry.get_sample_value(name, labels) or 0.0
 
 
 def dropped_total() -> float:
@@ -260,7 +263,7 @@ async def test_three_cuts_and_a_restart_during_10000_events_lose_nothing(
                                   StreamSource(topo.session_stream, "first"), decode, ignore)
             await reader.start()
             for origin in ORIGINS:
-                box = Outbox(origin, topo, keys)
+                box = Outbox(origin, topo, keys, metrics=METRICS)
                 conn = await clients.open(origin)
                 tasks.append(asyncio.get_running_loop().create_task(box.run(conn)))
                 boxes.append(box)
@@ -417,7 +420,8 @@ async def test_a_stream_subscription_resumes_after_each_cut_at_the_next_offset(
             ch = await direct.channel()
             await declare_core(ch, topo)
             await ch.close()
-            box = Outbox("origin-a", topo, keys, OutboxSettings(batch_max=1, in_flight=64))
+            box = Outbox("origin-a", topo, keys, OutboxSettings(batch_max=1, in_flight=64),
+                         metrics=METRICS)
             task = asyncio.get_running_loop().create_task(box.run(direct))
             now = int(time.time())
             for _ in range(n):
@@ -481,7 +485,7 @@ async def test_confirmed_events_survive_a_restart_while_the_consumer_is_down(
             first = Replicator(direct, topo, keys, PeerCache(), settings)
             await first.start()  # declares the durable queue
             await first.stop(5)
-            box = Outbox("origin-a", topo, keys)
+            box = Outbox("origin-a", topo, keys, metrics=METRICS)
             task = asyncio.get_running_loop().create_task(box.run(direct))
             now = int(time.time())
             ids = [os.urandom(32) for _ in range(2000)]

@@ -10,11 +10,11 @@ from collections.abc import AsyncIterator, Callable
 import aio_pika
 import pytest
 from aio_pika.abc import AbstractRobustConnection
-from prometheus_client import REGISTRY
 
 from sessionbus.bus.topology import Topology, declare_core, session_routing_key
 from sessionbus.consumer.peer_cache import PeerCache
 from sessionbus.consumer.replicator import Replicator, ReplicatorSettings
+from sessionbus.metrics import Metrics
 from sessionbus.producer.outbox import Outbox
 from sessionbus.schemas.codec import CONTENT_TYPE, encode_rows
 from sessionbus.schemas.events import EventType, RemoveReason
@@ -35,8 +35,10 @@ async def wait_until(predicate: Callable[[], bool], timeout: float = 15.0) -> bo
     return predicate()
 
 
+METRICS = Metrics()  # this module's own registry: what its components count
+
 def rejected_total(reason: str) -> float:
-    return REGISTRY.get_sample_value("sessionbus_events_rejected_total", {"reason": reason}) or 0.0
+    return METRICS.value("sessionbus_events_rejected_total", {"reason": reason})
 
 
 class Bus:
@@ -49,13 +51,14 @@ class Bus:
     async def replica(self, node_id: str, **kw: object) -> Replicator:
         self.queues.append(self.topo.replica_queue(node_id))
         r = Replicator(self.conn, self.topo, self.keys, PeerCache(),
-                       ReplicatorSettings(node_id=node_id, sid_ctx=TEST_SID_CTX, **kw))  # type: ignore[arg-type]
+                       ReplicatorSettings(node_id=node_id, sid_ctx=TEST_SID_CTX, **kw),  # type: ignore[arg-type]
+                       metrics=METRICS)
         await r.start()
         self.replicators.append(r)
         return r
 
     def outbox(self, origin: str) -> Outbox:
-        box = Outbox(origin, self.topo, self.keys)
+        box = Outbox(origin, self.topo, self.keys, metrics=METRICS)
         self.tasks.append(asyncio.get_running_loop().create_task(box.run(self.conn)))
         return box
 
@@ -217,8 +220,8 @@ async def test_warm_join_holds_sessions_published_before_it_started(
 
 
 def applied_new() -> float:
-    return REGISTRY.get_sample_value(
-        "sessionbus_events_consumed_total", {"type": "new", "outcome": "applied"}) or 0.0
+    return METRICS.value(
+        "sessionbus_events_consumed_total", {"type": "new", "outcome": "applied"})
 
 
 async def publish_and_count(box: Outbox, replica: Replicator, session_der: DerFactory,

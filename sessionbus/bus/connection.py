@@ -365,15 +365,24 @@ async def connect_once(settings: BrokerSettings, name: str, heartbeat: int) -> A
     raise error
 
 
+# What the broker or the network can raise (aio-pika's own list, which includes the
+# RuntimeError a channel raises while its connection is gone, plus timeouts): these are retried.
+# Anything else is a bug, and propagates to the task's supervisor.
+BROKER_ERRORS: tuple[type[Exception], ...] = (
+    *aio_pika.exceptions.CONNECTION_EXCEPTIONS, TimeoutError,
+)
+
+
 async def retry(op: Callable[[], Awaitable[object]], what: str) -> None:
     """Run ``op`` until it succeeds, backing off from 0.2 s to 5 s: set-up on the bus (declares,
-    subscriptions) that must outlast a broker restart or a key stream not created yet."""
+    subscriptions) that must outlast a broker restart or a key stream not created yet.  Only
+    broker and network errors (``BROKER_ERRORS``) are retried."""
     delay = 0.2
     while True:
         try:
             await op()
             return
-        except Exception as exc:
+        except BROKER_ERRORS as exc:
             log.warning("%s failed (%s); retrying in %.1f s", what, type(exc).__name__, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
@@ -400,7 +409,7 @@ def quiet_library_logs(debug: bool) -> None:
 
 
 __all__ = [
-    "DEFAULT_URL", "BrokerError", "BrokerSettings", "BrokerUrlError", "ErrorLog",
+    "BROKER_ERRORS", "DEFAULT_URL", "BrokerError", "BrokerSettings", "BrokerUrlError", "ErrorLog",
     "FailoverConnection", "JitteredConnection", "aio_pika", "connect", "connect_once",
     "describe_error", "host_of", "quiet_library_logs", "redact", "retry", "split_urls",
 ]

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -19,11 +18,13 @@ from aio_pika.abc import AbstractRobustConnection
 from aio_pika.exceptions import ChannelNotFoundEntity
 
 from sessionbus.bus.topology import Topology
-from sessionbus.consumer import metrics
 from sessionbus.consumer.subscription import StreamSource, Subscription
+from sessionbus.keys.ring import newest
+from sessionbus.metrics import Metrics
 from sessionbus.schemas.codec import decode_key_ring
 from sessionbus.schemas.sealing import BusKeys
 from sessionbus.schemas.ticket_keys import KeyRing
+from sessionbus.tasks import Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +36,16 @@ class KeyFollower:
         topology: Topology,
         keys: BusKeys,
         on_ring: Callable[[KeyRing], None] | None = None,
+        *,
+        metrics: Metrics | None = None,
+        supervisor: Supervisor | None = None,
+        export: bool = True,
     ) -> None:
         self.ring: KeyRing | None = None
+        metrics = metrics or Metrics()
+        if export:  # a publisher's one-off read of the stream exports nothing
+            metrics.key_ring.watch(lambda: self.ring)
+        self._supervisor = supervisor or Supervisor(metrics)
         self.received = asyncio.Event()
         self._on_ring = on_ring
 
@@ -45,13 +54,12 @@ class KeyFollower:
 
         self._sub: Subscription[KeyRing] = Subscription(
             connection, topology, StreamSource(topology.key_stream, "last"), decode,
-            self._handle, prefetch=16,
+            self._handle, prefetch=16, metrics=metrics, supervisor=self._supervisor,
         )
         # Catch-up after any reconnect: forget the offset reached, so the restored channel
         # subscribes from the stream's last chunk again (the current ring at once) instead of
         # resuming after the last ring seen; older rings it may re-read are ignored below.
         connection.close_callbacks.add(self._forget_offset)
-        self._age_task: asyncio.Task[None] | None = None
         self._wait_task: asyncio.Task[None] | None = None
         self._stream = topology.key_stream
 
@@ -65,8 +73,7 @@ class KeyFollower:
             await self._sub.start()
         except ChannelNotFoundEntity:
             log.info("no key stream %s yet: waiting for a key publisher", self._stream)
-            self._wait_task = asyncio.get_running_loop().create_task(self._subscribe_later())
-        self._age_task = asyncio.get_running_loop().create_task(self._report_age())
+            self._wait_task = self._supervisor.spawn(self._subscribe_later(), "key-follower")
 
     async def _subscribe_later(self) -> None:
         delay = 0.5
@@ -81,7 +88,7 @@ class KeyFollower:
             return
 
     async def stop(self) -> None:
-        for task in (self._wait_task, self._age_task):
+        for task in (self._wait_task,):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -94,27 +101,11 @@ class KeyFollower:
         return self.ring
 
     async def _handle(self, ring: KeyRing) -> list[tuple[int, str]] | None:
-        held = self.ring
-        if held is not None and (ring.issued_at, ring.seq) <= (held.issued_at, held.seq):
-            return None
+        if newest(self.ring, ring) is not ring:
+            return None  # not newer than the ring held
         self.ring = ring
         self.received.set()
         log.info("ticket key ring %d: %d keys", ring.seq, len(ring.keys))
-        self._export(time.time())
         if self._on_ring is not None:
             self._on_ring(ring)
         return None
-
-    def _export(self, now: float) -> None:
-        ring = self.ring
-        if ring is None:
-            return
-        metrics.TICKET_KEYS.set(len(ring.live(now)))
-        newest = ring.newest_published_at()
-        if newest is not None:
-            metrics.TICKET_KEY_NEWEST_AGE.set(max(0.0, now - newest))
-
-    async def _report_age(self) -> None:
-        while True:
-            self._export(time.time())
-            await asyncio.sleep(1.0)

@@ -33,7 +33,7 @@ import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractRobustConnection
 from aiormq.exceptions import AMQPError, ChannelLockedResource
 
-from sessionbus.bus.connection import BrokerSettings, connect, connect_once, retry
+from sessionbus.bus.connection import BROKER_ERRORS, BrokerSettings, connect, connect_once, retry
 from sessionbus.bus.topology import (
     Topology,
     declare_core,
@@ -41,13 +41,13 @@ from sessionbus.bus.topology import (
     declare_with,
     key_routing_key,
 )
-from sessionbus.consumer import metrics as cmetrics
 from sessionbus.keys.follower import KeyFollower
-from sessionbus.keys.ring import Timeline, added_keys, advance, describe
-from sessionbus.producer import metrics
+from sessionbus.keys.ring import Timeline, added_keys, advance, describe, newest
+from sessionbus.metrics import Metrics
 from sessionbus.schemas.codec import CONTENT_TYPE, encode_key_ring
 from sessionbus.schemas.sealing import BusKeys
 from sessionbus.schemas.ticket_keys import KeyRing
+from sessionbus.tasks import Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -67,12 +67,6 @@ class LostLock(Exception):
     """The lock connection closed or a publish on it failed: stop leading."""
 
 
-def _newer(a: KeyRing | None, b: KeyRing | None) -> KeyRing | None:
-    if a is None or b is None:
-        return a or b
-    return a if (a.issued_at, a.seq) >= (b.issued_at, b.seq) else b
-
-
 class KeyPublisher:
     def __init__(
         self,
@@ -80,8 +74,14 @@ class KeyPublisher:
         broker: BrokerSettings,
         keys: BusKeys,
         topology: Topology,
+        *,
+        metrics: Metrics | None = None,
+        supervisor: Supervisor | None = None,
     ) -> None:
         self.s = settings
+        self._metrics = metrics = metrics or Metrics()
+        self.supervisor = supervisor or Supervisor(metrics)
+        self._pm = metrics.publisher
         self._broker = broker
         self._keys = keys
         self._topo = topology
@@ -95,15 +95,15 @@ class KeyPublisher:
         self._unreachable = False
         self._ids = itertools.count(1)  # unique message ids (aiormq matches confirms by them)
         self._published = {
-            r: metrics.KEY_RINGS_PUBLISHED.labels(r) for r in ("change", "refresh")
+            r: self._pm.rings_published.labels(r) for r in ("change", "refresh")
         }
-        metrics.KEY_LEADER.set(0)
+        self._pm.leader.set(0)
 
     # --- lifetime ---------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
         """Stand by or lead until ``stop`` is set; then release the lock."""
-        follow = asyncio.get_running_loop().create_task(self._follow())
+        follow = self.supervisor.spawn(self._follow(), "key-follower")
         try:
             # Follow the key stream before competing for the lock: a leader needs the ring.
             await _wait_any(stop, self._bus_ready, None)
@@ -118,12 +118,12 @@ class KeyPublisher:
                 except LostLock as exc:
                     log.warning("key publisher %s: lost the lock (%s); standing by",
                                 self.s.publisher_id, exc)
-                except Exception as exc:  # a channel error while leading: give the lock up
+                except BROKER_ERRORS as exc:  # a channel error while leading: give the lock up
                     log.warning("key publisher %s: giving up the lock after %s; standing by",
                                 self.s.publisher_id, _describe_error(exc))
                 finally:
                     self.leading.clear()
-                    metrics.KEY_LEADER.set(0)
+                    self._pm.leader.set(0)
                     await self._drop_lock_connection()
         finally:
             follow.cancel()
@@ -131,10 +131,10 @@ class KeyPublisher:
                 await follow
             await self._drop_lock_connection()
             if self._follower is not None:
-                with contextlib.suppress(Exception):
+                with contextlib.suppress(*BROKER_ERRORS):
                     await self._follower.stop()
             if self._connection is not None:
-                with contextlib.suppress(Exception):
+                with contextlib.suppress(*BROKER_ERRORS):
                     await self._connection.close()
 
     async def _follow(self) -> None:
@@ -142,13 +142,15 @@ class KeyPublisher:
         newest-key age the farm sees, and holds the newest ring for a takeover."""
         self._connection = conn = await connect(
             replace(self._broker, name=f"sessionbus keys {self.s.publisher_id}"),
-            wait=False, on_state=cmetrics.broker_state,
+            wait=False, on_state=self._metrics.bus.broker_state,
         )
         await conn.connected.wait()
         await retry(
             lambda: declare_with(conn, self._topo, declare_core, declare_keys), "declaring the bus"
         )
-        self._follower = KeyFollower(self._connection, self._topo, self._keys)
+        # The farm's view of the ring (this leader's own rings included) is what is exported.
+        self._follower = KeyFollower(self._connection, self._topo, self._keys,
+                                     metrics=self._metrics, supervisor=self.supervisor)
         await retry(self._follower.start, "following the key stream")
         self._bus_ready.set()
 
@@ -160,7 +162,7 @@ class KeyPublisher:
             if self._lock_conn is None or self._lock_conn.is_closed:
                 self._lock_conn = await self._open_lock_connection()
             channel = await self._lock_conn.channel(publisher_confirms=True)
-        except Exception as exc:
+        except BROKER_ERRORS as exc:
             if not self._unreachable:  # once per outage, not every second
                 log.warning("key publisher %s: cannot reach the broker for the lock (%s)",
                             self.s.publisher_id, type(exc).__name__)
@@ -177,7 +179,7 @@ class KeyPublisher:
                          self.s.publisher_id)
                 self._standing_by = True
             return None
-        except Exception as exc:
+        except BROKER_ERRORS as exc:
             log.warning("key publisher %s: lock attempt failed (%s)", self.s.publisher_id,
                         _describe_error(exc))
             await self._drop_lock_connection()
@@ -191,7 +193,7 @@ class KeyPublisher:
     async def _drop_lock_connection(self) -> None:
         conn, self._lock_conn = self._lock_conn, None
         if conn is not None and not conn.is_closed:
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(*BROKER_ERRORS):
                 await asyncio.wait_for(conn.close(), 5)
 
     # --- leading ----------------------------------------------------------------------------
@@ -202,7 +204,7 @@ class KeyPublisher:
         lost = asyncio.Event()
         conn.close_callbacks.add(lambda *_: lost.set())
         self.leading.set()
-        metrics.KEY_LEADER.set(1)
+        self._pm.leader.set(1)
         log.info("key publisher %s: leading (holds %s)", self.s.publisher_id,
                  self._topo.keys_lock_queue)
         exchange = await declare_keys(channel, self._topo)
@@ -224,7 +226,7 @@ class KeyPublisher:
                     ),
                     self.s.publish_timeout,
                 )
-            except Exception as exc:
+            except BROKER_ERRORS as exc:
                 raise LostLock(f"publish failed: {type(exc).__name__}") from None
             self._published[reason].inc()
 
@@ -248,7 +250,7 @@ class KeyPublisher:
             if new is not ring:
                 await publish(new, "change")
                 rotations = added_keys(ring, new)
-                metrics.KEY_ROTATIONS.inc(rotations)
+                self._pm.rotations.inc(rotations)
                 log.info("key publisher %s: published %s%s", self.s.publisher_id,
                          describe(new, now), f", {rotations} new" if rotations else "")
                 ring, last_publish = new, now
@@ -256,7 +258,6 @@ class KeyPublisher:
                 await publish(ring, "refresh")
                 last_publish = now
             self.ring = ring
-            self._export(ring, now)
             wake = min(next_change, last_publish + tl.refresh_every)
             await _wait_any(stop, lost, max(0.01, wake - time.time()))
 
@@ -264,7 +265,8 @@ class KeyPublisher:
         """The newest ring on the key stream, read after taking the lock (nothing else publishes
         from now on), or None if the stream holds none."""
         assert self._connection is not None
-        fresh = KeyFollower(self._connection, self._topo, self._keys)
+        fresh = KeyFollower(self._connection, self._topo, self._keys, export=False,
+                            metrics=self._metrics, supervisor=self.supervisor)
         try:
             await asyncio.wait_for(fresh.start(), self.s.read_timeout + 10)
             if await fresh.wait(self.s.read_timeout) is not None:
@@ -275,19 +277,13 @@ class KeyPublisher:
                     if fresh.ring is seen:
                         break
             found = fresh.ring
-        except Exception as exc:
+        except BROKER_ERRORS as exc:
             raise LostLock(f"cannot read the key stream: {type(exc).__name__}") from None
         finally:
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(*BROKER_ERRORS):
                 await fresh.stop()
         held = self._follower.ring if self._follower is not None else None
-        return _newer(_newer(found, held), self.ring)
-
-    def _export(self, ring: KeyRing, now: float) -> None:
-        cmetrics.TICKET_KEYS.set(len(ring.live(now)))
-        newest = ring.newest_published_at()
-        if newest is not None:
-            cmetrics.TICKET_KEY_NEWEST_AGE.set(max(0.0, now - newest))
+        return newest(newest(found, held), self.ring)
 
 
 def _describe_error(exc: Exception) -> str:

@@ -157,6 +157,13 @@ def advance(
     )
 
 
+def newest(a: KeyRing | None, b: KeyRing | None) -> KeyRing | None:
+    """The later of two rings by (issued_at, seq); ``a`` on a tie (what is held stays held)."""
+    if a is None or b is None:
+        return a or b
+    return a if (a.issued_at, a.seq) >= (b.issued_at, b.seq) else b
+
+
 def added_keys(before: KeyRing | None, after: KeyRing) -> int:
     """How many keys ``after`` holds that ``before`` did not (rotations published)."""
     names = {k.name for k in before.keys} if before is not None else set()

@@ -8,11 +8,10 @@ import logging
 from dataclasses import replace
 from typing import Any
 
-from sessionbus.cli.commands._common import subparser
+from sessionbus.cli.commands._common import role_metrics, start_metrics, subparser, until_stopped
 from sessionbus.cli.config import ConfigError, add_common, common_from_args, host_port
 from sessionbus.cli.config import node_id as node_id_type
 from sessionbus.cli.runtime import run
-from sessionbus.consumer.metrics import serve_metrics
 from sessionbus.servers.cache.connection import FrontLimits
 from sessionbus.servers.cache.front import (
     CACHE_OUTBOX,
@@ -91,20 +90,20 @@ def main(args: argparse.Namespace) -> int:
     keys = common.keys()
 
     async def serve(stop: asyncio.Event) -> int:
-        front = CacheFront(settings, common.broker, keys, common.topology)
+        metrics = role_metrics("cache")
+        front = CacheFront(settings, common.broker, keys, common.topology, metrics=metrics)
         try:
             await front.start()
         except OSError as exc:
             raise ConfigError(f"cannot listen: {exc.strerror or exc}") from None
-        if common.metrics:
-            serve_metrics(common.metrics, ready=front.bus.readiness)
+        start_metrics(common.metrics, metrics, ready=front.bus.readiness)
         where = ", ".join(
             f"{name} on {front.address(name)[0]}:{front.address(name)[1]}"
             for name in front.protocols
         )
         print(f"cache {settings.node_id} listening: {where}", flush=True)
-        await stop.wait()
+        code = await until_stopped(stop, front.supervisor)
         await front.stop()
-        return 0
+        return code
 
     return run(serve)

@@ -9,7 +9,7 @@ from typing import Any
 
 from sessionbus.bus.connection import connect
 from sessionbus.bus.topology import declare_core
-from sessionbus.cli.commands._common import csv_of, subparser
+from sessionbus.cli.commands._common import csv_of, subparser, until_stopped
 from sessionbus.cli.config import add_common, common_from_args
 from sessionbus.cli.runtime import run
 from sessionbus.consumer.event_printer import printer
@@ -57,9 +57,9 @@ def main(args: argparse.Namespace) -> int:
         await worker.start()
         # stdout carries only JSON lines; readiness goes to stderr
         print("sessionbus events: subscribed", file=sys.stderr, flush=True)
-        await stop.wait()
+        code = await until_stopped(stop, worker.supervisor)
         await worker.stop(5)
         await conn.close()
-        return 0
+        return code
 
     return run(serve)

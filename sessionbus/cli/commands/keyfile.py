@@ -15,10 +15,9 @@ from typing import Any
 
 from sessionbus.bus.connection import connect
 from sessionbus.bus.topology import declare_core
-from sessionbus.cli.commands._common import subparser
+from sessionbus.cli.commands._common import role_metrics, start_metrics, subparser, until_stopped
 from sessionbus.cli.config import ConfigError, add_common, common_from_args, env
 from sessionbus.cli.runtime import run
-from sessionbus.consumer.metrics import broker_state, serve_metrics
 from sessionbus.servers.keyfile.atomic_files import UnsafeDirectoryError, check_private_dir
 from sessionbus.servers.keyfile.formats import (
     ATS_FILE,
@@ -188,25 +187,22 @@ def main(args: argparse.Namespace) -> int:
         notify_once()
 
     async def serve(stop: asyncio.Event) -> int:
-        if common.metrics:
-            try:
-                serve_metrics(common.metrics)
-            except OSError as exc:
-                raise ConfigError(f"--metrics: cannot listen on {common.metrics}: "
-                                  f"{exc.strerror}") from None
+        metrics = role_metrics("keyfile")
+        start_metrics(common.metrics, metrics)
         if all((settings.out / name).is_file() for name in files):
             # Files from a previous run: the server may start with them now (the ring, once
             # it arrives, replaces what changed); only a first run makes it wait for the ring.
             notify_once()
         try:
-            conn = await connect(common.broker, on_state=broker_state)
+            conn = await connect(common.broker, on_state=metrics.bus.broker_state)
         except ConnectionError as exc:
             print(f"sessionbus keyfile: {exc}", file=sys.stderr)
             return 4
         channel = await conn.channel()
         await declare_core(channel, common.topology)
         await channel.close()
-        runner = KeyfileRunner(conn, common.topology, keys, settings, on_ready=ready)
+        runner = KeyfileRunner(conn, common.topology, keys, settings, on_ready=ready,
+                               metrics=metrics)
         try:
             await runner.start()
         except UnsafeDirectoryError as exc:
@@ -214,9 +210,9 @@ def main(args: argparse.Namespace) -> int:
             raise ConfigError(str(exc)) from None
         print(f"keyfile following ticket keys ({settings.fmt.value} into {settings.out})",
               flush=True)
-        await stop.wait()
+        code = await until_stopped(stop, runner.supervisor)
         await runner.stop()
         await conn.close()
-        return 0
+        return code
 
     return run(serve)

@@ -10,11 +10,10 @@ import socket
 import textwrap
 from typing import Any
 
-from sessionbus.cli.commands._common import subparser
+from sessionbus.cli.commands._common import role_metrics, start_metrics, subparser, until_stopped
 from sessionbus.cli.config import ConfigError, add_common, common_from_args
 from sessionbus.cli.config import node_id as node_id_type
 from sessionbus.cli.runtime import run
-from sessionbus.consumer.metrics import serve_metrics
 from sessionbus.keys.publisher import KeyPublisher, PublisherSettings
 from sessionbus.keys.ring import (
     DEFAULT_ANNOUNCE_AHEAD,
@@ -107,21 +106,21 @@ def main(args: argparse.Namespace) -> int:
     keys = common.keys()
 
     async def serve(stop: asyncio.Event) -> int:
-        if common.metrics:
-            try:
-                serve_metrics(common.metrics)
-            except OSError as exc:
-                raise ConfigError(f"--metrics: cannot listen on {common.metrics}: "
-                                  f"{exc.strerror}") from None
+        metrics = role_metrics("keys")
+        start_metrics(common.metrics, metrics)
         publisher = KeyPublisher(
             PublisherSettings(publisher_id=publisher_id, timeline=timeline),
-            common.broker, keys, common.topology,
+            common.broker, keys, common.topology, metrics=metrics,
         )
         print(f"key publisher {publisher_id} started: rotate every {timeline.rotate_every:g}s, "
               f"keep {timeline.keep}, announce {timeline.announce_ahead:g}s ahead "
               f"(tickets resume for up to {timeline.decrypt_window:g}s)", flush=True)
-        await publisher.run(stop)
+        done = asyncio.Event()  # the signal, or a failed background task
+        watch = asyncio.ensure_future(until_stopped(stop, publisher.supervisor))
+        watch.add_done_callback(lambda _: done.set())
+        await publisher.run(done)
+        code = await watch
         log.info("key publisher %s stopped", publisher_id)
-        return 0
+        return code
 
     return run(serve)

@@ -8,7 +8,7 @@ import logging
 import ssl
 from typing import Any
 
-from sessionbus.cli.commands._common import subparser
+from sessionbus.cli.commands._common import role_metrics, start_metrics, subparser, until_stopped
 from sessionbus.cli.config import (
     ConfigError,
     add_common,
@@ -18,7 +18,6 @@ from sessionbus.cli.config import (
 )
 from sessionbus.cli.config import node_id as node_id_type
 from sessionbus.cli.runtime import run
-from sessionbus.consumer.metrics import serve_metrics
 from sessionbus.producer.node import Node, NodeSettings, TicketMode
 from sessionbus.producer.openssl import BindingError
 from sessionbus.producer.outbox import OutboxSettings
@@ -83,7 +82,8 @@ def main(args: argparse.Namespace) -> int:
 
     async def serve(stop: asyncio.Event) -> int:
         try:
-            node = Node(settings, common.broker, keys, common.topology)
+            metrics = role_metrics("node")
+            node = Node(settings, common.broker, keys, common.topology, metrics=metrics)
         except (ssl.SSLError, OSError) as exc:
             raise ConfigError(f"cannot load certificate/key: {exc.strerror or exc}") from None
         except BindingError as exc:
@@ -93,12 +93,11 @@ def main(args: argparse.Namespace) -> int:
         except OSError as exc:
             raise ConfigError(f"cannot listen on {args.listen[0]}:{args.listen[1]}: "
                               f"{exc.strerror}") from None
-        if common.metrics:
-            serve_metrics(common.metrics, ready=node.readiness)
+        start_metrics(common.metrics, metrics, ready=node.readiness)
         print(f"node {settings.node_id} listening on {node.address[0]}:{node.address[1]}",
               flush=True)
-        await stop.wait()
+        code = await until_stopped(stop, node.supervisor)
         await node.stop()
-        return 0
+        return code
 
     return run(serve)

@@ -10,11 +10,10 @@ from typing import Any
 
 from sessionbus.bus.connection import connect
 from sessionbus.bus.topology import declare_core
-from sessionbus.cli.commands._common import subparser
+from sessionbus.cli.commands._common import role_metrics, start_metrics, subparser, until_stopped
 from sessionbus.cli.config import ConfigError, add_common, common_from_args
 from sessionbus.cli.runtime import run
 from sessionbus.consumer.farm_stats import farm_stats
-from sessionbus.consumer.metrics import broker_state, serve_metrics
 from sessionbus.consumer.worker import ImportStringError, Worker, load_consumer
 
 log = logging.getLogger("sessionbus.worker")
@@ -47,29 +46,29 @@ def main(args: argparse.Namespace) -> int:
         consumers = [load_consumer(s) for s in args.consumer]
     except ImportStringError as exc:
         raise ConfigError(f"--consumer {exc}") from None
+    metrics = role_metrics("worker")
     if not args.no_stats:
-        consumers.append(farm_stats())
+        consumers.append(farm_stats(metrics))
     if not consumers:
         raise ConfigError("nothing to run: give --consumer or drop --no-stats")
     keys = common.keys()
 
     async def serve(stop: asyncio.Event) -> int:
         try:
-            conn = await connect(common.broker, on_state=broker_state)
+            conn = await connect(common.broker, on_state=metrics.bus.broker_state)
         except ConnectionError as exc:
             print(f"sessionbus worker: {exc}", file=sys.stderr)
             return 4
         channel = await conn.channel()
         await declare_core(channel, common.topology)
         await channel.close()
-        worker = Worker(conn, common.topology, keys, consumers)
+        worker = Worker(conn, common.topology, keys, consumers, metrics=metrics)
         await worker.start()
-        if common.metrics:
-            serve_metrics(common.metrics)
+        start_metrics(common.metrics, metrics)
         print(f"worker running {', '.join(c.name for c in consumers)}", flush=True)
-        await stop.wait()
+        code = await until_stopped(stop, worker.supervisor)
         drained = await worker.stop(args.drain_timeout)
         await conn.close()
-        return 0 if drained else 1
+        return code if drained else 1
 
     return run(serve)

@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sessionbus.producer import metrics
+from sessionbus.metrics import CacheMetrics, Metrics
 from sessionbus.schemas.codec import DEFAULT_LIMITS
 from sessionbus.servers.cache.store import Store
 
@@ -43,10 +43,10 @@ _ACCEPT_PAUSE_ERRNOS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, err
 _ACCEPT_PAUSE = 1.0  # seconds
 
 
-def precreate(protocol: str) -> None:
+def precreate(stats: CacheMetrics, protocol: str) -> None:
     """Create the usual label combinations so dashboards see zeros, not gaps."""
     get, delete = ("get", "delete") if protocol == "memcache" else ("get", "del")
-    metrics.CACHE_STATS.precreate(protocol, (
+    stats.requests.precreate(protocol, (
         (get, "hit"), (get, "miss"), ("set", "stored"), ("set", "not_stored"),
         (delete, "deleted"), (delete, "not_found"),
     ))
@@ -72,8 +72,9 @@ class FrontLimits:
 class Connections:
     """The open connections of every listener of one front (for the limit and the idle sweep)."""
 
-    def __init__(self, limits: FrontLimits) -> None:
+    def __init__(self, limits: FrontLimits, metrics: CacheMetrics | None = None) -> None:
         self.limits = limits
+        self.metrics = metrics or Metrics().cache
         self.open: set[CacheConnection] = set()
         self.refused = 0
 
@@ -92,9 +93,13 @@ class Connections:
 class Listener:
     """A listening socket whose connections become ``factory(sock)`` on the running loop."""
 
-    def __init__(self, sock: socket.socket, factory: Callable[[socket.socket], object]) -> None:
+    def __init__(
+        self, sock: socket.socket, factory: Callable[[socket.socket], object],
+        on_failure: Callable[[BaseException], None],
+    ) -> None:
         self._sock = sock
         self._factory = factory
+        self._on_failure = on_failure
         self._loop = asyncio.get_running_loop()
         self._fd = sock.fileno()
         self._closed = False
@@ -103,7 +108,7 @@ class Listener:
 
     @classmethod
     def bind(cls, host: str, port: int, factory: Callable[[socket.socket], object],
-             backlog: int = 1024) -> Listener:
+             on_failure: Callable[[BaseException], None], backlog: int = 1024) -> Listener:
         last: OSError | None = None
         for family, type_, proto, _, addr in socket.getaddrinfo(
             host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
@@ -117,7 +122,7 @@ class Listener:
                 sock.close()
                 last = exc
                 continue
-            return cls(sock, factory)
+            return cls(sock, factory, on_failure)
         raise last or OSError(f"cannot listen on {host}:{port}")
 
     def address(self) -> tuple[str, int]:
@@ -125,6 +130,15 @@ class Listener:
         return host, port
 
     def _accept(self) -> None:
+        # A listener that cannot accept is a front that serves nobody: it stops listening and
+        # the process ends (the supervisor), rather than a front that looks up and answers none.
+        try:
+            self._accept_some()
+        except Exception as exc:
+            self.close()
+            self._on_failure(exc)
+
+    def _accept_some(self) -> None:
         for _ in range(64):  # bounded: other ready sockets get their turn
             try:
                 sock, _addr = self._sock.accept()
@@ -139,8 +153,7 @@ class Listener:
                     return
                 if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
                     continue
-                log.error("accept failed: %s", exc)
-                return
+                raise
             try:
                 self._factory(sock)
             except Exception:  # one connection's set-up must not stop the listener
@@ -170,7 +183,8 @@ class CacheConnection:
         self.closing = False
         self._buf = bytearray()
         self.out: list[bytes] = []  # answers of the data being handled, written at once
-        self.observe = functools.partial(metrics.CACHE_STATS.observe, self.protocol_name)
+        self._stats = conns.metrics
+        self.observe = functools.partial(self._stats.requests.observe, self.protocol_name)
         self._sock = sock
         self._fd = sock.fileno()
         self._loop = asyncio.get_running_loop()
@@ -190,7 +204,7 @@ class CacheConnection:
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conns.open.add(self)
-        metrics.CACHE_CONNECTIONS.inc()
+        self._stats.connections.inc()
         self._start_reading()
 
     # --- the selector's callbacks --------------------------------------------------------------
@@ -238,7 +252,7 @@ class CacheConnection:
         raise NotImplementedError
 
     def count(self, command: str, result: str) -> None:
-        metrics.CACHE_STATS.count(self.protocol_name, command, result)
+        self._stats.requests.count(self.protocol_name, command, result)
 
     def fail(self, line: bytes, command: str = "malformed") -> None:
         """Answer ``line`` (after the answers before it) and close: the client sent something
@@ -303,7 +317,7 @@ class CacheConnection:
         self._buf = bytearray()
         self._sock.close()
         self.conns.open.discard(self)
-        metrics.CACHE_CONNECTIONS.dec()
+        self._stats.connections.dec()
 
     def _start_reading(self) -> None:
         self._reading = True

@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from dataclasses import dataclass
 
 from sessionbus.bus.connection import BrokerSettings
 from sessionbus.bus.topology import Topology
-from sessionbus.consumer import metrics as cmetrics
-from sessionbus.consumer.local_sessions import BusMember
+from sessionbus.consumer.local_sessions import LocalSessions
+from sessionbus.metrics import Metrics
 from sessionbus.producer.outbox import OutboxSettings
 from sessionbus.schemas.sealing import BusKeys
 from sessionbus.servers.cache.connection import (
@@ -35,6 +36,7 @@ from sessionbus.servers.cache.connection import (
 from sessionbus.servers.cache.memcache import MemcacheConnection
 from sessionbus.servers.cache.redis import RedisConnection
 from sessionbus.servers.cache.store import Store
+from sessionbus.tasks import Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +73,9 @@ class CacheFront:
         broker: BrokerSettings,
         keys: BusKeys,
         topology: Topology,
+        *,
+        metrics: Metrics | None = None,
+        supervisor: Supervisor | None = None,
     ) -> None:
         if settings.memcache is None and settings.redis is None:
             raise ValueError("a cache front needs a memcache or a redis listener")
@@ -79,11 +84,14 @@ class CacheFront:
         self._keys = keys
         self._topo = topology
         # sid_ctx None: a cache front keeps sessions of every context, and opaque values
-        self.bus = BusMember(
+        self.metrics = metrics = metrics or Metrics()
+        self.supervisor = supervisor = supervisor or Supervisor(metrics)
+        self.bus = LocalSessions(
             "cache", settings.node_id, topology, keys, broker,
             replication=settings.replication, outbox=settings.outbox, sid_ctx=None,
             session_lifetime=float(settings.session_timeout),
             max_entries=settings.max_replica_entries, max_bytes=settings.max_replica_bytes,
+            metrics=metrics, supervisor=supervisor,
         )
         self.cache, self.outbox = self.bus.cache, self.bus.outbox
         self.store = Store(
@@ -91,7 +99,7 @@ class CacheFront:
             session_lifetime=float(settings.session_timeout),
             max_value=settings.limits.max_value,
         )
-        self.connections = Connections(settings.limits)
+        self.connections = Connections(settings.limits, metrics.cache)
         self._servers: dict[str, Listener] = {}
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -104,7 +112,6 @@ class CacheFront:
         return list(self._servers)
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
         store, conns = self.store, self.connections
         if self.settings.replication:
             await self.bus.connect()
@@ -116,17 +123,18 @@ class CacheFront:
             for name, addr, proto in listeners:
                 if addr is None:
                     continue
-                precreate(name)
+                precreate(self.connections.metrics, name)
                 self._servers[name] = Listener.bind(
                     addr[0], addr[1],
                     lambda sock, proto=proto: proto(sock, store, conns),  # type: ignore[misc]
+                    functools.partial(self.supervisor.fail, f"cache-{name}-listener"),
                 )
                 log.info("cache %s: %s on %s:%d", self.settings.node_id, name,
                          *self.address(name))
         except OSError:
             await self.stop(0.5)
             raise
-        self._tasks.append(loop.create_task(self._housekeeping()))
+        self._tasks.append(self.supervisor.spawn(self._housekeeping(), "cache-housekeeping"))
 
     async def wait_bus_ready(self, timeout: float) -> bool:
         return await self.bus.wait_ready(timeout)
@@ -139,8 +147,6 @@ class CacheFront:
             self.connections.sweep_idle(time.monotonic())
             if self.bus.replicator is None:
                 self.cache.sweep()
-                cmetrics.REPLICA_SESSIONS.set(len(self.cache))
-                cmetrics.REPLICA_BYTES.set(self.cache.bytes_used)
 
     async def stop(self, drain_timeout: float = 5.0) -> None:
         for server in self._servers.values():

@@ -27,7 +27,6 @@ import socket
 import time
 from dataclasses import dataclass
 
-from sessionbus.producer import metrics
 from sessionbus.servers.cache.connection import CacheConnection, Connections
 from sessionbus.servers.cache.store import MAX_KEY, SetResult, Store
 
@@ -45,7 +44,6 @@ _GET_MISS = (_PROTOCOL, "get", "miss")
 _DELETED = (_PROTOCOL, "delete", "deleted")
 _NOT_FOUND = (_PROTOCOL, "delete", "not_found")
 _SET_RESULT = {r: (_PROTOCOL, "set", r.value) for r in SetResult}
-_record = metrics.CACHE_STATS.record
 _perf_counter = time.perf_counter
 _STORE_REPLY = {
     SetResult.STORED: b"STORED\r\n",
@@ -91,6 +89,7 @@ class MemcacheConnection(CacheConnection):
     def __init__(self, sock: socket.socket, store: Store, conns: Connections) -> None:
         self._pending: _PendingSet | None = None
         self._swallow = 0  # bytes of a refused value (and its CRLF) still to discard
+        self._record = conns.metrics.requests.record
         super().__init__(sock, store, conns)  # last: it may start serving
 
     def received(self, data: bytes) -> None:
@@ -191,13 +190,13 @@ class MemcacheConnection(CacheConnection):
             found = self.store.get(key)
             if found is None:
                 self.out.append(b"END\r\n")
-                _record(_GET_MISS, _perf_counter() - t0)
+                self._record(_GET_MISS, _perf_counter() - t0)
             else:
                 flags, value = found
                 self.out.append(
                     b"VALUE %b %d %d\r\n%b\r\nEND\r\n" % (key, flags, len(value), value)
                 )
-                _record(_GET_HIT, _perf_counter() - t0)
+                self._record(_GET_HIT, _perf_counter() - t0)
             return
         if not 0 < n <= self.limits.max_keys:
             self.fail(BAD_FORMAT, "get")
@@ -245,7 +244,7 @@ class MemcacheConnection(CacheConnection):
         result = self.store.set(p.key, p.flags, value, expiry(p.exptime, time.time()))
         if not p.noreply:
             self.out.append(_STORE_REPLY[result])
-        _record(_SET_RESULT[result], _perf_counter() - t0)
+        self._record(_SET_RESULT[result], _perf_counter() - t0)
 
     def _delete(self, parts: list[bytes]) -> None:
         t0 = _perf_counter()
@@ -262,4 +261,4 @@ class MemcacheConnection(CacheConnection):
         deleted = self.store.delete(parts[1])
         if not noreply:
             self.out.append(b"DELETED\r\n" if deleted else b"NOT_FOUND\r\n")
-        _record(_DELETED if deleted else _NOT_FOUND, _perf_counter() - t0)
+        self._record(_DELETED if deleted else _NOT_FOUND, _perf_counter() - t0)

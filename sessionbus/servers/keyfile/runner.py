@@ -47,8 +47,8 @@ from pathlib import Path
 from aio_pika.abc import AbstractRobustConnection
 
 from sessionbus.bus.topology import Topology
-from sessionbus.consumer import metrics
 from sessionbus.keys.follower import KeyFollower
+from sessionbus.metrics import Metrics
 from sessionbus.schemas.sealing import BusKeys
 from sessionbus.schemas.ticket_keys import KeyRing
 from sessionbus.servers.keyfile.atomic_files import check_private_dir, write_atomic
@@ -59,6 +59,7 @@ from sessionbus.servers.keyfile.formats import (
     KeyFileFormat,
     render,
 )
+from sessionbus.tasks import Supervisor
 
 __all__ = [
     "CommandResult",
@@ -338,10 +339,16 @@ class KeyfileRunner:
         settings: KeyfileSettings,
         *,
         on_ready: Callable[[], None] | None = None,
+        metrics: Metrics | None = None,
+        supervisor: Supervisor | None = None,
     ) -> None:
         self.settings = settings
+        self.metrics = metrics = metrics or Metrics()
+        self.supervisor = supervisor or Supervisor(metrics)
+        self._m = metrics.keyfile
         self._writer = KeyFileWriter(settings)
-        self._follower = KeyFollower(connection, topology, keys, on_ring=self._on_ring)
+        self._follower = KeyFollower(connection, topology, keys, on_ring=self._on_ring,
+                                     metrics=metrics, supervisor=self.supervisor)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._on_ready = on_ready
@@ -373,7 +380,7 @@ class KeyfileRunner:
     async def start(self) -> None:
         check_private_dir(self.settings.out)
         await self._follower.start()
-        self._task = asyncio.get_running_loop().create_task(self._loop())
+        self._task = self.supervisor.spawn(self._loop(), "keyfile")
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -393,10 +400,8 @@ class KeyfileRunner:
             try:
                 if ring is not None:
                     await self.sync(ring, time.time())
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # a bug: keep the files as they are, try again next tick
-                log.exception("keyfile: unexpected error")
+            except (OSError, KeyFileError) as exc:  # keep the files as they are, retry next tick
+                log.warning("keyfile: cannot write the key files: %s", exc)
             delay = self._next_delay(ring, time.time())
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), delay)
@@ -441,7 +446,7 @@ class KeyfileRunner:
             )
             return None
         if result.changed:
-            metrics.KEYFILE_WRITES.inc(len(result.changed))
+            self._m.writes.inc(len(result.changed))
             self.sets_written += 1
             log.info(
                 "keyfile: ring %d: wrote %d of %d %s key file(s) in %s",
@@ -494,7 +499,7 @@ class KeyfileRunner:
             self._pending = False
             self._backoff = RETRY_MIN
         else:
-            metrics.KEYFILE_COMMAND_FAILURES.inc()
+            self._m.command_failures.inc()
             self.command_failures += 1
             self._pending = True
             self._retry_at = time.time() + self._backoff
