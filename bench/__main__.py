@@ -36,6 +36,7 @@ BENCHMARKS: dict[str, str] = {
     "node": "bench.bench_node",
     "peer_cache": "bench.bench_peer_cache",
     "httpd_cache": "bench.bench_httpd_cache",
+    "fanout": "bench.bench_fanout",
 }
 OPTIONAL = {"peer_cache", "httpd_cache"}
 

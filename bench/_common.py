@@ -34,6 +34,32 @@ def quick() -> bool:
 
 
 def unique_prefix() -> str:
+    """A fresh prefix, its bus provisioned (roles only look it up)."""
+    prefix = _unique_name()
+    provision(prefix)
+    return prefix
+
+
+def provision(prefix: str) -> None:
+    """``declare_admin`` for ``prefix``, on a thread of its own (callable inside a loop too)."""
+    import concurrent.futures
+
+    from sessionbus.bus.connection import BrokerSettings, connect
+    from sessionbus.bus.topology import Topology, declare_admin
+
+    async def go() -> None:
+        conn = await connect(BrokerSettings(url=AMQP_URL, name="sessionbus bench setup"))
+        try:
+            ch = await conn.channel()
+            await declare_admin(ch, Topology(prefix=prefix))
+        finally:
+            await conn.close()
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pool.submit(asyncio.run, go()).result(timeout=60)
+
+
+def _unique_name() -> str:
     return f"sbbench-{uuid.uuid4().hex[:10]}"
 
 

@@ -166,9 +166,10 @@ async def _child_sessionbus(prefix: str, key_file: str) -> None:
     rec = _Recorder()
 
     class BenchReplicator(Replicator):
-        def apply(self, batch: DecodedBatch, *, live: bool) -> None:
-            super().apply(batch, live=live)
+        def apply(self, batch: DecodedBatch) -> list[tuple[int, str]] | None:
+            failed = super().apply(batch)
             rec.applied([ev.time for ev in batch.events], batch.time)
+            return failed
 
     topo = Topology(prefix=prefix)
     conn = await connect(BrokerSettings(url=AMQP_URL, name="sessionbus bench replica"))

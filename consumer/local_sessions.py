@@ -1,7 +1,7 @@
 """What a TLS node and a cache front share: a replica, an outbox, and the bus that feeds both.
 
 The member serves from memory at once; everything that needs the broker starts in the
-background whenever the broker is first reachable (declare, publish, replicate) and comes back
+background whenever the broker is first reachable (check the bus, publish, replicate) and comes back
 by itself after an outage, so a node or cache never waits on the network to answer.
 """
 
@@ -16,7 +16,7 @@ from dataclasses import replace
 from aio_pika.abc import AbstractRobustConnection
 
 from sessionbus.bus.connection import BROKER_ERRORS, BrokerSettings, connect, retry
-from sessionbus.bus.topology import Topology, declare_core, declare_with
+from sessionbus.bus.topology import Topology, check_sessions, check_with
 from sessionbus.consumer.peer_cache import PeerCache
 from sessionbus.consumer.replicator import Replicator, ReplicatorSettings
 from sessionbus.metrics import Metrics
@@ -91,7 +91,8 @@ class LocalSessions:
         assert conn is not None
         await conn.connected.wait()
         self._restored_is(True)
-        await retry(lambda: declare_with(conn, self._topo, declare_core), "declaring the bus")
+        # Provisioned by the admin step: a role only checks it is there (and waits until it is).
+        await retry(lambda: check_with(conn, self._topo, check_sessions), "finding the bus")
         self._declared = True
         if self.outbox is not None:
             self.supervisor.spawn(self.outbox.run(conn), "outbox")

@@ -1,12 +1,21 @@
-"""Applies peers' NEW/REMOVE events to a replica (a ``PeerCache``), after a warm-join replay.
+"""Applies peers' NEW/REMOVE events to a replica (a ``PeerCache``) by following the session stream.
 
-On start it declares the node's durable replica queue (every message published from then on
-reaches it) and, to warm up, replays the session stream from ``now - session lifetime``.  Once the
-replay delivers a batch published after the queue existed, everything newer is in the queue too,
-so the replay stops.  Duplicates between the two are harmless: applying is idempotent.
+Warm join and live replication are one path: one stream consumer, started on first start at
+``now - session lifetime`` (or at the stream's end with ``replay=False``), resumed after any
+reconnect, channel restore or broker-side cancel from the last offset it applied + 1
+(``Subscription``).  The broker writes each event once, whoever follows it; there are no
+per-node queues.  The replica is *caught up* (``caught_up``, gauge
+``sessionbus_replay_caught_up``) once the consumer has delivered the history: it went quiet, or
+it reached events published after this replicator started.
 
-Live events of this node's own origin are skipped (the node put them in its replica when it made
-them); replayed ones are applied, because a node that restarted has lost its memory.
+Once caught up, this node's own events coming back are skipped unopened, by the routing key
+(whose suffix the broker's topic permissions tie to the publishing user) and the origin header,
+before any decryption: the node put them in its replica when it made them.  Before that they are
+applied: a node that restarted has lost its memory.
+
+A bounded table of the replica that is full (e.g. 65,536 distinct origins) rejects the event with
+reason ``table_full``: it is counted and dead-lettered and the message is acked, so replication
+never stalls on it.
 """
 
 from __future__ import annotations
@@ -15,22 +24,18 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from functools import partial
-from typing import Any
 
-from aio_pika.abc import AbstractChannel, AbstractQueue, AbstractRobustConnection
+from aio_pika.abc import AbstractRobustConnection
 
-from sessionbus.bus.topology import Topology, declare_replica_queue
+from sessionbus.bus.topology import Topology, session_routing_key
 from sessionbus.consumer.peer_cache import PeerCache
-from sessionbus.consumer.subscription import QueueSource, StreamSource, Subscription
+from sessionbus.consumer.subscription import Inbound, StreamSource, Subscription, WithEnvelope
 from sessionbus.metrics import OUTCOMES, Metrics
 from sessionbus.schemas.codec import (
     DEFAULT_LIMITS,
     H_ORIGIN,
-    H_TYPE,
     DecodedBatch,
     Limits,
     decode_batch,
@@ -41,6 +46,9 @@ from sessionbus.tasks import Supervisor
 
 log = logging.getLogger(__name__)
 
+# The reason an event is rejected with when a bounded table of the replica is full.
+TABLE_FULL = "table_full"
+
 
 @dataclass(frozen=True, slots=True)
 class ReplicatorSettings:
@@ -48,8 +56,10 @@ class ReplicatorSettings:
     # Only sessions of this context are taken (a TLS node); None takes all (a cache front).
     sid_ctx: bytes | None = None
     session_lifetime: float = 7200.0
+    # False: follow from the stream's end (no warm join); caught up at once.
     replay: bool = True
-    # Clock skew allowance between origins when deciding the replay has reached live traffic.
+    # Clock skew allowance between origins when deciding the replay has reached live traffic,
+    # and how long an empty stream stays "not yet caught up" at most.
     live_margin: float = 5.0
     prefetch: int = 256
 
@@ -73,10 +83,10 @@ class Replicator:
         self.settings = settings
         self._conn = connection
         self._topo = topology
-        self._decode = partial(self._decode_batch, keys, settings.sid_ctx, limits)
-        self._live: Subscription[DecodedBatch] | None = None
-        self._replay: Subscription[DecodedBatch] | None = None
-        self._queue_ready_at = 0.0
+        self._keys = keys
+        self._limits = limits
+        self._stream: Subscription[DecodedBatch] | None = None
+        self._started_at = 0.0
         self._tasks: list[asyncio.Task[None]] = []
         self.caught_up = asyncio.Event()
         c = metrics.delivery.events_consumed
@@ -87,56 +97,60 @@ class Replicator:
         }
         self._replica_m = metrics.replica
         self._lag = self._replica_m.lag
-        self._node_id_bytes = settings.node_id.encode()
+        node = settings.node_id
+        self._own_keys = {session_routing_key(t, node): t for t in (EventType.NEW,
+                                                                    EventType.REMOVE)}
+        self._own_origins = (node, node.encode())
 
+    @property
+    def subscription(self) -> Subscription[DecodedBatch] | None:
+        return self._stream
 
-    @staticmethod
-    def _decode_batch(
-        keys: BusKeys, sid_ctx: bytes | None, limits: Limits, body: bytes,
-        headers: Mapping[str, Any],
-    ) -> DecodedBatch:
-        return decode_batch(body, headers, keys, sid_ctx=sid_ctx, limits=limits)
+    @property
+    def last_offset(self) -> int | None:
+        """The stream offset of the last message applied (None before the first)."""
+        return self._stream.last_offset if self._stream is not None else None
 
-    def _decode_live(self, body: bytes, headers: Mapping[str, Any]) -> DecodedBatch:
-        """Like ``_decode``, but this node's own batches are skipped unopened.
+    def _open(self, inbound: Inbound) -> DecodedBatch:
+        """The one place a replica decodes a message: authenticate, then parse.
 
-        A node receives everything it publishes back through its replica queue; opening and
-        validating it only to skip it was most of what replication cost a node.  Trusting the
-        clear header here is safe: the worst a forged origin can do is make us skip a message.
+        ``inbound`` carries the routing key and the broker-validated ``user_id``: the sender
+        checks (user_id, origin and routing-key suffix agree; freshness) belong in this call.
         """
-        origin = headers.get(H_ORIGIN)
-        if origin == self.settings.node_id or origin == self._node_id_bytes:
-            type_name = headers.get(H_TYPE)
-            if isinstance(type_name, bytes):
-                type_name = type_name.decode("ascii", "replace")
-            if type_name in (EventType.NEW.value, EventType.REMOVE.value):
-                return DecodedBatch(EventType(type_name), self.settings.node_id, 0.0)
-        return self._decode(body, headers)
+        return decode_batch(inbound.body, inbound.headers, self._keys,
+                            sid_ctx=self.settings.sid_ctx, limits=self._limits)
+
+    def _decode(self, inbound: Inbound) -> DecodedBatch:
+        """``_open``, except that once caught up this node's own batches are skipped unopened.
+
+        A node receives everything it publishes back; opening it only to skip it was most of
+        what replication cost a node. The routing key is the broker-checked part (only this
+        node's user may publish with it); a forged clear origin header can at worst make this
+        node skip a message of its own.
+        """
+        type_ = self._own_keys.get(inbound.routing_key)
+        if (
+            type_ is not None
+            and self.caught_up.is_set()
+            and inbound.headers.get(H_ORIGIN) in self._own_origins
+        ):
+            return DecodedBatch(type_, self.settings.node_id, 0.0)
+        return self._open(inbound)
 
     async def start(self) -> None:
-        node = self.settings.node_id
-
-        async def declare(channel: AbstractChannel) -> AbstractQueue:
-            queue = await declare_replica_queue(channel, self._topo, node)
-            self._queue_ready_at = time.time()
-            return queue
-
-        self._live = Subscription(
-            self._conn, self._topo, QueueSource(self._topo.replica_queue(node), declare),
-            self._decode_live, self._on_live, prefetch=self.settings.prefetch,
-            metrics=self._metrics, supervisor=self._supervisor,
-        )
-        await self._live.start()
+        self._started_at = time.time()
+        start: str | datetime = "next"
         if self.settings.replay:
-            since = datetime.fromtimestamp(
-                time.time() - self.settings.session_lifetime, tz=UTC
-            )
-            self._replay = Subscription(
-                self._conn, self._topo, StreamSource(self._topo.session_stream, since),
-                self._decode, self._on_replayed, prefetch=self.settings.prefetch,
-                report_rejects=False, metrics=self._metrics, supervisor=self._supervisor,
-            )
-            await self._replay.start()
+            start = datetime.fromtimestamp(self._started_at - self.settings.session_lifetime,
+                                           tz=UTC)
+        self._stream = Subscription(
+            self._conn, self._topo, StreamSource(self._topo.session_stream, start),
+            WithEnvelope(self._decode), self._on_batch, prefetch=self.settings.prefetch,
+            consumer_id=self.settings.node_id, metrics=self._metrics,
+            supervisor=self._supervisor,
+        )
+        await self._stream.start()
+        if self.settings.replay:
             self._tasks.append(self._supervisor.spawn(self._watch_replay(), "replicator"))
         else:
             self._set_caught_up()
@@ -148,9 +162,8 @@ class Replicator:
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
-        for sub in (self._replay, self._live):
-            if sub is not None:
-                await sub.stop(timeout)
+        if self._stream is not None:
+            await self._stream.stop(timeout)
 
     def _set_caught_up(self) -> None:
         if not self.caught_up.is_set():
@@ -159,77 +172,79 @@ class Replicator:
             log.info("replica %s is warm: %d sessions", self.settings.node_id, len(self.cache))
 
     async def _watch_replay(self) -> None:
-        """Declare the replica warm once the replay has gone quiet (history delivered), and
-        stop the replay: the queue, declared before it started, holds everything since, and
-        following the stream on would apply every new event twice (this node's own unskipped,
-        most of a busy cache front's CPU) until ``_on_replayed`` saw a batch newer than the
-        queue. A replay that delivered nothing is stopped only after ``live_margin`` of quiet:
-        a stream that is slow to start delivering must not lose its history."""
-        replay = self._replay
-        assert replay is not None
+        """Declare the replica warm once the stream consumer has gone quiet (the history is
+        delivered; what follows is live). ``_on_batch`` declares it earlier when it meets an
+        event published after the start."""
+        stream = self._stream
+        assert stream is not None
         last = -1
-        quiet_since: float | None = None
-        while True:
+        while not self.caught_up.is_set():
             await asyncio.sleep(0.5)
-            handled = replay.handled
-            if handled != last or not replay.idle.is_set():
-                last, quiet_since = handled, None
+            handled = stream.handled
+            if handled != last or not stream.idle.is_set():
+                last = handled
                 continue
             self._set_caught_up()
-            now = time.monotonic()
-            quiet_since = now if quiet_since is None else quiet_since
-            if handled > 0 or now - quiet_since >= self.settings.live_margin:
-                await replay.cancel()
-                return
 
-    async def _on_replayed(self, batch: DecodedBatch) -> None:
-        self.apply(batch, live=False)
-        if batch.time > self._queue_ready_at + self.settings.live_margin:
-            # Everything from here on reaches the replica queue as well.
-            self._set_caught_up()
-            if self._replay is not None:
-                asyncio.get_running_loop().create_task(self._replay.cancel())
-        return None
+    async def _on_batch(self, batch: DecodedBatch) -> list[tuple[int, str]] | None:
+        failed = self.apply(batch)
+        if (not self.caught_up.is_set()
+                and batch.time > self._started_at + self.settings.live_margin):
+            self._set_caught_up()  # this one was published after we started: history is done
+        return failed
 
-    async def _on_live(self, batch: DecodedBatch) -> None:
-        self.apply(batch, live=True)
-        return None
+    def apply(self, batch: DecodedBatch) -> list[tuple[int, str]] | None:
+        """Apply a validated batch; returns the (index, reason) of events it had to reject.
 
-    def apply(self, batch: DecodedBatch, *, live: bool) -> None:
-        """Apply a validated batch. Synchronous: nothing between events can interleave."""
+        Synchronous: nothing between events can interleave.
+        """
         type_ = batch.type
         if type_ not in (EventType.NEW, EventType.REMOVE):
-            return
+            return None
         m = self._m
-        if live and batch.origin == self.settings.node_id:
-            m[(type_, "skipped")].inc(len(batch.events))
-            return
         put = self.cache.put
         remove = self.cache.remove
         now = time.time()
         observe = self._lag.observe
         applied = skipped = 0
+        failed: list[tuple[int, str]] = []
         if type_ is EventType.NEW:
-            for ev in batch.events:
+            for i, ev in enumerate(batch.events):
                 assert ev.der is not None
-                # an upsert: a redelivered or replayed NEW is applied again, harmlessly
-                if put(ev.session_id, ev.der, expires=ev.expires, origin=ev.origin,
-                       sid_ctx=ev.sid_ctx, event_time=ev.time):
+                try:
+                    # an upsert: a redelivered or replayed NEW is applied again, harmlessly
+                    ok = put(ev.session_id, ev.der, expires=ev.expires, origin=ev.origin,
+                             sid_ctx=ev.sid_ctx, event_time=ev.time)
+                except ValueError:  # a bounded table (origins, contexts) is full
+                    failed.append((i, TABLE_FULL))
+                    continue
+                if ok:
                     applied += 1
                     observe(max(0.0, now - ev.time))
                 else:
                     skipped += 1  # removed (tombstone) or expired meanwhile
         else:
-            for ev in batch.events:
-                remove(ev.session_id, expires=ev.expires, event_time=ev.time)
+            for i, ev in enumerate(batch.events):
+                try:
+                    remove(ev.session_id, expires=ev.expires, event_time=ev.time)
+                except ValueError:
+                    failed.append((i, TABLE_FULL))
+                    continue
                 applied += 1
                 observe(max(0.0, now - ev.time))
+        if not batch.events and batch.origin == self.settings.node_id:
+            skipped += 1  # an own message skipped unopened (counted per message)
         if applied:
             m[(type_, "applied")].inc(applied)
         if skipped:
             m[(type_, "skipped")].inc(skipped)
-        if batch.rejected:
-            m[(type_, "rejected")].inc(len(batch.rejected))
+        rejected = len(batch.rejected) + len(failed)
+        if rejected:
+            m[(type_, "rejected")].inc(rejected)
+        if failed:
+            self._metrics.delivery.events_rejected.labels(TABLE_FULL).inc(len(failed))
+            return failed
+        return None
 
     async def _housekeeping(self) -> None:
         while True:

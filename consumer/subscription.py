@@ -4,14 +4,17 @@ One subscription owns one robust channel.  Deliveries are handled one at a time,
 handler sees the events of one session in the order they were published.  A message is acked
 only after its handler returned, so a process that dies never loses an acked message.
 
-Messages that fail validation are counted by reason and a copy (with the reason in a header) is
-published to the dead-letter exchange, then the original is acked.  Streams forbid reject/nack
-(RabbitMQ closes the connection), so this one path serves queues and streams alike, and the copy
-carries a reason that native dead-lettering could not.
+Messages that fail validation are counted by reason and acked; a copy (with the reason in a header)
+goes to the dead-letter exchange *best effort* (``dead_letters.DeadLetters``: bounded, on a
+channel of its own, never awaited before the ack).  Streams forbid reject/nack (RabbitMQ closes
+the connection), so this one path serves queues and streams alike, and the copy carries a reason
+that native dead-lettering could not.
 
-A stream consumer remembers the last offset it handled and, whenever its channel reopens (broker
-reconnect), subscribes again from the next one: aio-pika's own recovery would replay from the
-original start.
+A stream consumer remembers the last offset it handled and, whenever it has to subscribe again
+(its channel reopened after a reconnect, or the broker cancelled the consumer, as it does when a
+stream's leader moves), subscribes from the next one.  aio-pika's own recovery would re-run the
+original consume, from the original start: the consumer is registered non-robust and re-made
+here with the offset reached.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar
 
 import aio_pika
 import aiormq.exceptions
@@ -37,9 +40,10 @@ from aio_pika.abc import (
 
 from sessionbus.bus.connection import BROKER_ERRORS
 from sessionbus.bus.topology import Topology
+from sessionbus.consumer.dead_letters import DeadLetters
 from sessionbus.metrics import Metrics
 from sessionbus.schemas.codec import H_REASON, DecodedBatch
-from sessionbus.schemas.errors import EnvelopeError, Reason
+from sessionbus.schemas.errors import EnvelopeError
 from sessionbus.tasks import Supervisor
 
 log = logging.getLogger(__name__)
@@ -47,6 +51,24 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 Decoder = Callable[[bytes, Mapping[str, Any]], T]
+
+
+class Inbound(NamedTuple):
+    """What a delivery says about itself, for a decoder that checks the sender: the
+    broker-validated ``user_id`` and the routing key (whose suffix is the origin)."""
+
+    body: bytes
+    headers: Mapping[str, Any]
+    routing_key: str
+    user_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class WithEnvelope(Generic[T]):
+    """Wraps a decoder that takes the whole ``Inbound`` instead of (body, headers)."""
+
+    decode: Callable[[Inbound], T]
+
 # A handler returns the (index, reason) of events it could not handle, which get dead-lettered.
 Handler = Callable[[T], Awaitable[list[tuple[int, str]] | None]]
 
@@ -69,15 +91,17 @@ class Subscription(Generic[T]):
         connection: AbstractRobustConnection,
         topology: Topology,
         source: QueueSource | StreamSource,
-        decode: Decoder[T],
+        decode: Decoder[T] | WithEnvelope[T],
         handler: Handler[T],
         *,
         prefetch: int = 64,
         report_rejects: bool = True,
+        consumer_id: str | None = None,
         metrics: Metrics | None = None,
         supervisor: Supervisor | None = None,
     ) -> None:
         self._conn = connection
+        self._consumer_id = consumer_id  # named in dead letters: which replica judged it
         self._m = (metrics or Metrics()).delivery
         self._supervisor = supervisor or Supervisor(metrics)
         # False for a replay of messages live consumers already judged: counting and
@@ -85,9 +109,14 @@ class Subscription(Generic[T]):
         self._report = report_rejects
         self._topo = topology
         self._source = source
-        self._decode = decode
+        self._decode_fn: Callable[[AbstractIncomingMessage], T] = (
+            _with_envelope(decode.decode) if isinstance(decode, WithEnvelope)
+            else _body_and_headers(decode)
+        )
         self._handler = handler
         self._prefetch = prefetch
+        self._dead = DeadLetters(connection, topology, metrics=self._m)
+        self._resubscribing: asyncio.Task[None] | None = None
         self._channel: AbstractRobustChannel | None = None
         self._queue: AbstractQueue | None = None
         self._tag: str | None = None
@@ -98,6 +127,7 @@ class Subscription(Generic[T]):
         self._busy = False
         self.last_offset: int | None = None  # streams: the last offset handled
         self.handled = 0  # messages handled (acked)
+        self.delivered = 0  # deliveries received (a resubscribe from too far back shows here)
         self.idle = asyncio.Event()  # set whenever the inbox is empty and nothing is in flight
         self.idle.set()
 
@@ -120,6 +150,7 @@ class Subscription(Generic[T]):
             raise
         self._channel = channel
         channel.reopen_callbacks.add(self._on_reopen)
+
         self._worker = self._supervisor.spawn(self._work(), "subscription")
         await self._consume()
 
@@ -137,6 +168,34 @@ class Subscription(Generic[T]):
         self._tag = await queue.consume(
             self._deliver, arguments=self._consume_arguments(), robust=False
         )
+        assert self._channel is not None
+        underlay = await self._channel.get_underlay_channel()
+        underlay.on_consumer_cancel_callbacks.add(self._on_cancelled)
+
+    def _on_cancelled(self, frame: Any) -> None:
+        """The broker cancelled our consumer (a stream's leader moved, the queue went away):
+        subscribe again from the offset reached, retrying until it works or we stop."""
+        if self._stopping or getattr(frame, "consumer_tag", None) != self._tag:
+            return
+        log.warning("subscription %s: consumer cancelled by the broker; resubscribing",
+                    self._source.name)
+        self._tag = None
+        if self._resubscribing is None or self._resubscribing.done():
+            self._resubscribing = asyncio.get_running_loop().create_task(self._resubscribe())
+
+    async def _resubscribe(self) -> None:
+        delay = 0.2
+        while not self._stopping:
+            await asyncio.sleep(delay)
+            try:
+                if self._channel is None or self._channel.is_closed:
+                    return  # the channel's reopen callback subscribes again
+                await self._consume()
+                return
+            except Exception as exc:
+                log.warning("subscription %s: resubscribe failed: %s", self._source.name,
+                            type(exc).__name__)
+                delay = min(delay * 2, 5.0)
 
     async def _on_reopen(self, *_: Any) -> None:
         if self._stopping:
@@ -148,6 +207,7 @@ class Subscription(Generic[T]):
             log.warning("subscription %s: resubscribe failed: %s", self._source.name, exc)
 
     async def _deliver(self, message: AbstractIncomingMessage) -> None:
+        self.delivered += 1
         self.idle.clear()
         self._inbox.put_nowait(message)
 
@@ -175,10 +235,12 @@ class Subscription(Generic[T]):
             finished = False
             log.warning("subscription %s: handler still busy after %.0fs; stopping it",
                         self._source.name, timeout)
-        if self._worker is not None:
-            self._worker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._worker
+        for task in (self._worker, self._resubscribing):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        await self._dead.stop()
         if self._channel is not None and not self._channel.is_closed:
             with contextlib.suppress(*BROKER_ERRORS):
                 await self._channel.close()
@@ -225,13 +287,12 @@ class Subscription(Generic[T]):
             offset = raw if isinstance(raw, int) else None
             if offset is not None and self.last_offset is not None and offset <= self.last_offset:
                 return  # already handled before a resubscribe
-        headers: Mapping[str, Any] = message.headers or {}
         try:
-            decoded = self._decode(message.body, headers)
+            decoded = self._decode_fn(message)
         except EnvelopeError as exc:
             if self._report:
                 self._m.events_rejected.labels(exc.reason.value).inc()
-                await self._dead_letter(message, exc.reason.value)
+                self._dead_letter(message, exc.reason.value)
         else:
             failed = await self._handler(decoded) or []
             if isinstance(decoded, DecodedBatch) and decoded.rejected and self._report:
@@ -239,20 +300,22 @@ class Subscription(Generic[T]):
                     self._m.events_rejected.labels(r.reason).inc()
                 failed = [(r.index, r.reason) for r in decoded.rejected] + failed
             if failed:
-                await self._dead_letter(message, failed[0][1], [i for i, _ in failed])
+                self._dead_letter(message, failed[0][1], [i for i, _ in failed])
         if offset is not None:
             self.last_offset = offset
         with contextlib.suppress(*BROKER_ERRORS):  # a closed channel: redelivered, applied again
             await message.ack()
         self.handled += 1
 
-    async def _dead_letter(
+    def _dead_letter(
         self, message: AbstractIncomingMessage, reason: str, indexes: list[int] | None = None
     ) -> None:
-        assert self._channel is not None
+        """Hand a copy to the dead-letter publisher (best effort, never waits)."""
         headers: dict[str, Any] = dict(message.headers or {})
         headers[H_REASON] = reason
         headers["sessionbus-source"] = self._source.name
+        if self._consumer_id is not None:
+            headers["sessionbus-rejected-by"] = self._consumer_id
         if indexes is not None:
             headers["sessionbus-rejected-indexes"] = indexes[:256]
         copy = aio_pika.Message(
@@ -261,17 +324,26 @@ class Subscription(Generic[T]):
             content_type=message.content_type,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         )
-        for attempt in range(3):
-            try:
-                exchange = await self._channel.get_exchange(self._topo.dlx, ensure=False)
-                await asyncio.wait_for(exchange.publish(copy, routing_key=reason), 10)
-                self._m.dead_lettered.labels(
-                    reason if reason in Reason._value2member_map_ else Reason.MALFORMED.value
-                ).inc()
-                return
-            except BROKER_ERRORS as exc:
-                log.warning("dead-letter publish failed (attempt %d): %s", attempt + 1,
-                            type(exc).__name__)
-                await asyncio.sleep(0.5 * (attempt + 1))
-        # Give up on the copy but do not block the subscription; the count says it happened.
-        log.error("could not dead-letter a message (reason %s)", reason)
+        self._dead.offer(copy, reason)
+
+    async def dead_letters_flushed(self, timeout: float) -> bool:
+        """Wait until the dead-letter copies offered so far were sent or dropped (tests)."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while self._dead.pending:
+            if asyncio.get_running_loop().time() > deadline:
+                return False
+            await asyncio.sleep(0.02)
+        return True
+
+
+def _body_and_headers(decode: Decoder[T]) -> Callable[[AbstractIncomingMessage], T]:
+    def run(message: AbstractIncomingMessage) -> T:
+        return decode(message.body, message.headers or {})
+    return run
+
+
+def _with_envelope(decode: Callable[[Inbound], T]) -> Callable[[AbstractIncomingMessage], T]:
+    def run(message: AbstractIncomingMessage) -> T:
+        return decode(Inbound(message.body, message.headers or {}, message.routing_key or "",
+                              message.user_id))
+    return run

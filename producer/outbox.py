@@ -26,7 +26,7 @@ from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnec
 from aiormq.exceptions import DeliveryError, PublishError
 
 from sessionbus.bus.connection import BROKER_ERRORS
-from sessionbus.bus.topology import Topology, declare_core, session_routing_key
+from sessionbus.bus.topology import Topology, session_routing_key
 from sessionbus.metrics import Metrics
 from sessionbus.schemas.codec import CONTENT_TYPE, encode_rows
 from sessionbus.schemas.events import EventType, RemoveReason
@@ -394,5 +394,7 @@ class Outbox:
         # message as if the broker had stored it.
         self._channel = channel = await connection.channel(
             publisher_confirms=True, on_return_raises=True)
-        await declare_core(channel, self._topo)
+        # Nothing is declared or checked here: a publish to a missing exchange fails (and is
+        # resent), and nothing this channel needs lives on a broker node other than the
+        # exchange's (the DLX, the dead queue are not involved in publishing).
         return await channel.get_exchange(self._topo.sessions_exchange, ensure=False)

@@ -124,6 +124,11 @@ class DeliveryMetrics:
             "sessionbus_messages_dead_lettered_total",
             "Messages copied to the dead-letter exchange, by reason", ["reason"], registry=r,
         )
+        self.dead_letters_lost = Counter(
+            "sessionbus_dead_letters_lost_total",
+            "Rejected messages whose dead-letter copy could not be kept (best effort: no DLX, "
+            "timeout, backlog full)", registry=r,
+        )
         # Every bounded label combination, so dashboards see zeros, not gaps.
         for t in SESSION_EVENT_TYPES:
             for o in OUTCOMES:

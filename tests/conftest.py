@@ -24,7 +24,7 @@ import pytest
 from aio_pika.abc import AbstractRobustConnection
 
 from sessionbus.bus.connection import BrokerSettings, connect
-from sessionbus.bus.topology import Topology, delete_all
+from sessionbus.bus.topology import Topology, declare_admin, delete_all
 from sessionbus.schemas.sealing import BusKeys, new_key
 from tests.helpers_der import make_session_der
 
@@ -174,10 +174,13 @@ def declared_queues() -> list[str]:
 async def topology(
     connection: AbstractRobustConnection, declared_queues: list[str]
 ) -> AsyncIterator[Topology]:
-    """A Topology of its own (unique prefix). Teardown deletes what ``declare_core`` makes and
+    """A Topology of its own (unique prefix), provisioned. Teardown deletes what it made and
     every queue in ``declared_queues``, on a fresh channel (the test's may be closed)."""
     topo = Topology(prefix=f"sbtest-{uuid.uuid4().hex[:10]}")
     try:
+        channel = await connection.channel()
+        await declare_admin(channel, topo)  # the admin step: roles only look it up
+        await channel.close()
         yield topo
     finally:
         channel = await connection.channel()

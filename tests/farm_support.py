@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import functools
 import os
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sessionbus.bus.connection import BrokerSettings, connect
-from sessionbus.bus.topology import Topology, delete_all
+from sessionbus.bus.topology import Topology, declare_admin, delete_all
 from sessionbus.cli.local_farm import self_signed
 from sessionbus.schemas.sealing import write_new_key_file
 
@@ -34,7 +35,26 @@ def free_port() -> int:
 
 
 def unique_prefix() -> str:
-    return f"sbtest-{uuid.uuid4().hex[:10]}"
+    """A fresh name prefix, its bus provisioned as the admin step would (roles only look the
+    exchanges and streams up): ``delete_topology`` removes it."""
+    prefix = f"sbtest-{uuid.uuid4().hex[:10]}"
+    provision(prefix)
+    return prefix
+
+
+def provision(prefix: str, url: str | None = None) -> None:
+    """``declare_admin`` for ``prefix``, on a thread of its own (callable inside a loop too)."""
+
+    async def go() -> None:
+        conn = await connect(BrokerSettings(url=url or AMQP_URL))
+        try:
+            ch = await conn.channel()
+            await declare_admin(ch, Topology(prefix=prefix))
+        finally:
+            await conn.close()
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pool.submit(asyncio.run, go()).result(timeout=60)
 
 
 @dataclass
@@ -131,7 +151,7 @@ def bus_env(directory: Path, *queues: str) -> Iterator[dict[str, str]]:
     are deleted."""
     key_file = directory / "bus.key"
     write_new_key_file(key_file)
-    prefix = unique_prefix()
+    prefix = unique_prefix()  # provisioned
     try:
         yield {"SESSIONBUS_AMQP_URL": AMQP_URL, "SESSIONBUS_BUS_KEY_FILE": str(key_file),
                "SESSIONBUS_PREFIX": prefix}

@@ -735,7 +735,7 @@ async def test_two_fronts_replicate_over_the_broker(amqp_url: str) -> None:
         from tests.farm_support import delete_topology
 
         await asyncio.to_thread(
-            delete_topology, prefix, [topo.replica_queue(f.settings.node_id) for f in fronts])
+            delete_topology, prefix, [])  # v2: no per-node queues
 
 
 # --- the command line ----------------------------------------------------------------------------

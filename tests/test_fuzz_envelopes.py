@@ -453,7 +453,6 @@ async def test_10000_fuzzed_messages_to_a_live_consumer(
     await declare_core(ch, topology)
     await ch.close()
     node = "fuzz-replica"
-    declared_queues.append(topology.replica_queue(node))
     replica = Replicator(connection, topology, KEYS, PeerCache(),
                          ReplicatorSettings(node_id=node, sid_ctx=CTX, replay=False),
                          limits=LIMITS, metrics=METRICS)

@@ -255,7 +255,9 @@ def test_a_session_injected_without_the_bus_key_never_resumes(
     reasons = Counter(str(h[H_REASON]) for h in dead)
     assert reasons == {"unknown_key": 2, "forged": 4}, reasons
     sources = Counter(str(h["sessionbus-source"]) for h in dead)
-    assert sources == {f"{farm.prefix}.replica.{n}": 3 for n in NODES}, sources
+    assert sources == {f"{farm.prefix}.sessions.stream": len(messages)}, sources  # v2: one stream
+    judges = Counter(str(h["sessionbus-rejected-by"]) for h in dead)
+    assert judges == {n: 3 for n in NODES}, judges
     time.sleep(0.5)  # every chance to (wrongly) apply them
     for node, port in farm.ports.items():
         assert not any(offered(port, version, made.session, 5)), f"resumed on {node}"

@@ -1,4 +1,5 @@
-"""Declaring the bus against the real broker: idempotent, routed as designed, removable."""
+"""Provisioning the bus (v2) against the real broker: idempotent, routed as designed, cluster-safe
+arguments, roles only check, removable."""
 
 from __future__ import annotations
 
@@ -12,11 +13,13 @@ from aio_pika.exceptions import ChannelClosed
 
 from sessionbus.bus.topology import (
     Topology,
-    declare_core,
-    declare_keys,
-    declare_replica_queue,
+    check_keys,
+    check_sessions,
+    dead_letter_key,
+    declare_admin,
     delete_all,
     key_routing_key,
+    provisioned,
     session_routing_key,
 )
 from sessionbus.schemas.events import EventType
@@ -29,13 +32,16 @@ NODE = "node-a"
 async def declare_everything(
     connection: AbstractRobustConnection, topo: Topology, declared_queues: list[str]
 ) -> None:
-    declared_queues.append(topo.replica_queue(NODE))
+    """The admin step, twice (idempotent), and a queue bound as an old per-node replica was, to
+    show that the stream takes what such a queue took."""
+    declared_queues.append(f"{topo.prefix}.probe")
     channel = await connection.channel()
     try:
-        for _ in range(2):  # twice: idempotent
-            await declare_core(channel, topo)
-            await declare_keys(channel, topo)
-            await declare_replica_queue(channel, topo, NODE)
+        for _ in range(2):
+            await declare_admin(channel, topo)
+        probe = await channel.declare_queue(f"{topo.prefix}.probe", durable=True)
+        for t in ("new", "remove"):
+            await probe.bind(topo.sessions_exchange, routing_key=f"session.{t}.*")
     finally:
         await channel.close()
 
@@ -92,14 +98,14 @@ async def test_declare_twice_is_idempotent(
     exchanges, queues = topology.all_names()
     for name in exchanges:
         assert await exists(connection, "exchange", name), name
-    for name in [*queues, topology.replica_queue(NODE)]:
+    for name in queues:
         assert await exists(connection, "queue", name), name
     # the check can fail: what was not declared is not there
-    assert not await exists(connection, "queue", topology.replica_queue("node-b"))
+    assert not await exists(connection, "queue", f"{topology.prefix}.replica.{NODE}")
     assert not await exists(connection, "exchange", f"{topology.prefix}.nope")
 
 
-async def test_sessions_route_to_replica_and_stream(
+async def test_sessions_route_to_the_stream_only_new_and_remove(
     connection: AbstractRobustConnection, topology: Topology, declared_queues: list[str]
 ) -> None:
     await declare_everything(connection, topology, declared_queues)
@@ -114,7 +120,7 @@ async def test_sessions_route_to_replica_and_stream(
         await sessions.publish(aio_pika.Message(body), routing_key=session_routing_key(t, NODE))
     assert session_routing_key(EventType.NEW, NODE) == "session.new.node-a"
 
-    replica = await channel.get_queue(topology.replica_queue(NODE))
+    replica = await channel.get_queue(f"{topology.prefix}.probe")
     # one copy each, though the queue was declared (and bound) twice
     assert await drain(replica) == [published[EventType.NEW], published[EventType.REMOVE]]
     assert await stream_bodies(connection, topology.session_stream, 2) == [
@@ -134,7 +140,7 @@ async def test_dead_letter_exchange_feeds_the_dead_queue(
     await declare_everything(connection, topology, declared_queues)
     channel = await connection.channel()
     dlx = await channel.get_exchange(topology.dlx)
-    await dlx.publish(aio_pika.Message(b"bad"), routing_key="anything")
+    await dlx.publish(aio_pika.Message(b"bad"), routing_key=dead_letter_key("forged", "node-a"))
     dead = await channel.get_queue(topology.dead_queue)
     assert await drain(dead) == [b"bad"]
     await channel.close()
@@ -145,7 +151,7 @@ async def test_delete_all_removes_everything(connection: AbstractRobustConnectio
     extra: list[str] = []
     try:
         await declare_everything(connection, topo, extra)
-        assert await exists(connection, "queue", topo.replica_queue(NODE))
+        assert await exists(connection, "queue", f"{topo.prefix}.probe")
     finally:
         channel = await connection.channel()
         await delete_all(channel, topo, extra)
@@ -157,15 +163,45 @@ async def test_delete_all_removes_everything(connection: AbstractRobustConnectio
         assert not await exists(connection, "queue", name), name
 
 
-async def test_only_the_key_publisher_declares_the_key_stream(
+async def test_roles_only_check_and_a_missing_bus_is_reported(
+    connection: AbstractRobustConnection,
+) -> None:
+    """``check_sessions``/``check_keys`` (what roles run) create nothing: on an unprovisioned
+    prefix they fail, and nothing exists afterwards."""
+    topo = Topology(prefix=f"sbtest-{uuid.uuid4().hex[:10]}")
+    for check in (check_sessions, check_keys):
+        channel = await connection.channel()
+        with pytest.raises(ChannelClosed):
+            await check(channel, topo)
+    exchanges, queues = topo.all_names()
+    for name in exchanges:
+        assert not await exists(connection, "exchange", name), name
+    for name in queues:
+        assert not await exists(connection, "queue", name), name
+
+
+async def test_provisioned_objects_are_cluster_safe_and_bounded(
     connection: AbstractRobustConnection, topology: Topology,
 ) -> None:
+    """Streams and the dead queue carry a leader locator and an initial cluster size; the dead
+    queue is a quorum queue (no single home node); the key stream has a max-age of the decrypt
+    window plus a margin, the session stream about the session lifetime."""
+    plan = {q.name: q.arguments for q in provisioned(topology).queues}
+    dead = plan[topology.dead_queue]
+    assert dead["x-queue-type"] == "quorum" and dead["x-queue-leader-locator"] == "balanced"
+    assert dead["x-quorum-initial-group-size"] == 3
+    for stream in (topology.session_stream, topology.key_stream):
+        assert plan[stream]["x-queue-type"] == "stream"
+        assert plan[stream]["x-initial-cluster-size"] == 3
+        assert plan[stream]["x-queue-leader-locator"] == "balanced"
+    assert plan[topology.key_stream]["x-max-age"] == "10800s"  # 2 h decrypt window + 1 h
+    assert plan[topology.session_stream]["x-max-age"] == "7200s"
+    # what the broker holds is what the plan says (a redeclaration with other arguments fails)
     channel = await connection.channel()
-    await declare_core(channel, topology)  # what nodes, workers and caches run
+    for name, args in plan.items():
+        await channel.declare_queue(name, durable=True, arguments=args)
     await channel.close()
-    assert not await exists(connection, "exchange", topology.keys_exchange)
-    assert not await exists(connection, "queue", topology.key_stream)
     channel = await connection.channel()
-    await declare_keys(channel, topology)
-    await channel.close()
-    assert await exists(connection, "queue", topology.key_stream)
+    with pytest.raises(ChannelClosed):  # PRECONDITION_FAILED: the check can fail
+        await channel.declare_queue(topology.dead_queue, durable=True,
+                                    arguments={**dead, "x-queue-type": "classic"})

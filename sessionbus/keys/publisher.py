@@ -36,9 +36,8 @@ from aiormq.exceptions import AMQPError, ChannelLockedResource
 from sessionbus.bus.connection import BROKER_ERRORS, BrokerSettings, connect, connect_once, retry
 from sessionbus.bus.topology import (
     Topology,
-    declare_core,
-    declare_keys,
-    declare_with,
+    check_keys,
+    check_with,
     key_routing_key,
 )
 from sessionbus.keys.follower import KeyFollower
@@ -146,7 +145,7 @@ class KeyPublisher:
         )
         await conn.connected.wait()
         await retry(
-            lambda: declare_with(conn, self._topo, declare_core, declare_keys), "declaring the bus"
+            lambda: check_with(conn, self._topo, check_keys), "finding the key stream"
         )
         # The farm's view of the ring (this leader's own rings included) is what is exported.
         self._follower = KeyFollower(self._connection, self._topo, self._keys,
@@ -207,7 +206,7 @@ class KeyPublisher:
         self._pm.leader.set(1)
         log.info("key publisher %s: leading (holds %s)", self.s.publisher_id,
                  self._topo.keys_lock_queue)
-        exchange = await declare_keys(channel, self._topo)
+        exchange = await check_keys(channel, self._topo)
 
         async def publish(ring: KeyRing, reason: str) -> None:
             if conn.is_closed or lost.is_set():

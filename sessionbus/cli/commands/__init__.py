@@ -4,6 +4,19 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from sessionbus.cli.commands import bus_key, cache, events, keyfile, keys, node, revoke, up, worker
+from sessionbus.cli.commands import (
+    bus_key,
+    cache,
+    events,
+    keyfile,
+    keys,
+    node,
+    revoke,
+    setup,
+    up,
+    worker,
+)
 
-COMMANDS: list[ModuleType] = [up, node, cache, keys, keyfile, worker, events, revoke, bus_key]
+COMMANDS: list[ModuleType] = [
+    up, setup, node, cache, keys, keyfile, worker, events, revoke, bus_key,
+]

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 from sessionbus.bus.connection import connect
-from sessionbus.bus.topology import declare_core
 from sessionbus.cli.commands._common import role_metrics, start_metrics, subparser, until_stopped
 from sessionbus.cli.config import ConfigError, add_common, common_from_args, env
 from sessionbus.cli.runtime import run
@@ -198,9 +197,7 @@ def main(args: argparse.Namespace) -> int:
         except ConnectionError as exc:
             print(f"sessionbus keyfile: {exc}", file=sys.stderr)
             return 4
-        channel = await conn.channel()
-        await declare_core(channel, common.topology)
-        await channel.close()
+        # The key stream is provisioned by the admin step; the follower waits for it.
         runner = KeyfileRunner(conn, common.topology, keys, settings, on_ready=ready,
                                metrics=metrics)
         try:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from sessionbus.bus.connection import connect
+from sessionbus.bus.topology import declare_admin
 from sessionbus.cli.commands._common import subparser
 from sessionbus.cli.config import ConfigError, add_common, common_from_args, existing_file
 from sessionbus.cli.local_farm import Farm, FarmSettings
@@ -58,7 +59,16 @@ def main(args: argparse.Namespace) -> int:
             conn = await connect(common.broker)
         except ConnectionError as exc:
             return str(exc)
-        await conn.close()
+        try:
+            # The local farm runs as one admin-capable user (guest): it provisions the bus
+            # that its roles then only look up (a real farm imports definitions.json).
+            channel = await conn.channel()
+            await declare_admin(channel, common.topology)
+            await channel.close()
+        except Exception as exc:
+            return f"cannot provision the bus: {type(exc).__name__}"
+        finally:
+            await conn.close()
         return None
 
     problem = asyncio.run(probe())

@@ -8,8 +8,8 @@ import logging
 import sys
 from typing import Any
 
-from sessionbus.bus.connection import connect
-from sessionbus.bus.topology import declare_core
+from sessionbus.bus.connection import connect, retry
+from sessionbus.bus.topology import check_sessions, check_with
 from sessionbus.cli.commands._common import role_metrics, start_metrics, subparser, until_stopped
 from sessionbus.cli.config import ConfigError, add_common, common_from_args
 from sessionbus.cli.runtime import run
@@ -59,9 +59,8 @@ def main(args: argparse.Namespace) -> int:
         except ConnectionError as exc:
             print(f"sessionbus worker: {exc}", file=sys.stderr)
             return 4
-        channel = await conn.channel()
-        await declare_core(channel, common.topology)
-        await channel.close()
+        # Provisioned by the admin step: only checked (and waited for) here.
+        await retry(lambda: check_with(conn, common.topology, check_sessions), "finding the bus")
         worker = Worker(conn, common.topology, keys, consumers, metrics=metrics)
         await worker.start()
         start_metrics(common.metrics, metrics)
