@@ -14,7 +14,9 @@ fault strikes:
 After each phase every replica must hold exactly the expected sessions (counts of live and
 removed sessions, all outboxes empty) with no process restarted by hand, and the session stream
 must hold every event the load generator's broker confirmed.  All along, ``openssl s_client``
-makes a full handshake on one TLS node and resumes it on another, every 0.5 s.
+makes a full handshake on one TLS node and resumes it on another, every 0.5 s; the nodes use
+stateless tickets and a key publisher rotates every 6 s, so rotations strike during every fault
+and no node may refuse a ticket.
 """
 
 from __future__ import annotations
@@ -228,7 +230,7 @@ async def run_cluster_faults(cluster: PrivateCluster, tmp_path: Path) -> None:
     def start_node(name: str) -> TlsNode:
         port, mport = free_port(), free_port()
         proc = start_proc(["node", "--node-id", name, "--listen", f"127.0.0.1:{port}",
-                           "--cert", str(cert), "--key", str(key),
+                           "--cert", str(cert), "--key", str(key), "--tickets", "stateless",
                            "--metrics", f"127.0.0.1:{mport}"], env=env)
         node = TlsNode(name, port, mport, proc)
         nodes.append(node)
@@ -241,7 +243,17 @@ async def run_cluster_faults(cluster: PrivateCluster, tmp_path: Path) -> None:
     load = Load(outbox)
     probe: Probe | None = None
     rows: list[dict[str, Any]] = []
+    keys_metrics = free_port()
+    # Rotating every 6 s (announced 2 s ahead): several rotations strike during each fault.
+    publisher_proc = start_proc(["keys", "--publisher-id", "keys-a", "--rotate-every", "6",
+                                 "--announce-ahead", "2", "--keep", "4",
+                                 "--metrics", f"127.0.0.1:{keys_metrics}"], env=env)
+
+    def rotations() -> float:
+        return scrape(keys_metrics).get("sessionbus_key_rotations_total", 0.0)
+
     try:
+        publisher_proc.wait_for("key publisher keys-a started", 30)
         for n in ("c1", "c2", "c3"):
             start_node(n)
         for node in nodes:
@@ -257,7 +269,9 @@ async def run_cluster_faults(cluster: PrivateCluster, tmp_path: Path) -> None:
                 load.run(per_phase if fault != "dlx" else EVENTS - 2 * per_phase, RATE))
             await asyncio.sleep(3.0)  # publishes in flight when it strikes
             t_fault = time.monotonic()
+            rotations0 = await asyncio.to_thread(rotations)
             back_at = await strike()
+            rotated = await asyncio.to_thread(rotations) - rotations0
             await loading
             assert await outbox.flush(60), "the load generator's events were not all confirmed"
             t_conv = await converge(nodes, load, 90)
@@ -265,9 +279,14 @@ async def run_cluster_faults(cluster: PrivateCluster, tmp_path: Path) -> None:
             window = probe.window(t_fault, t_end) if probe else []
             failed = [r for r in window if not r[3]]
             late = [r for r in failed if r[0] > back_at + 5.0]
+            refused = await asyncio.to_thread(lambda: sum(
+                scrape(n.metrics).get('sessionbus_ticket_decryptions_total{result="unknown"}', 0)
+                for n in nodes))
             rows.append({"fault": fault, "probes": len(window), "failed": len(failed),
                          "late": len(late), "converged_s": t_conv - back_at,
-                         "phase_s": t_end - t0})
+                         "phase_s": t_end - t0, "rotations": rotated, "refused": refused})
+            assert rotated >= 1, "no key rotation during the fault"
+            assert refused == 0, f"{refused} tickets refused"
             assert window, "no probe ran during the fault"
             assert not late, f"resumption still failing 5 s after the broker came back: {late}"
 
@@ -287,6 +306,7 @@ async def run_cluster_faults(cluster: PrivateCluster, tmp_path: Path) -> None:
             # a TLS node started while the broker node is down: warm join, ready
             late = start_node("c4")
             late.proc.wait_for("listening on", 30)
+            # ready includes "ticket key ring held": it got the ring from a live broker node
             await wait_for(lambda: ready(late.metrics), 30, "c4 ready while a broker node is down")
             await asyncio.sleep(2.0)
             await asyncio.to_thread(victim.boot_again)
@@ -322,6 +342,7 @@ async def run_cluster_faults(cluster: PrivateCluster, tmp_path: Path) -> None:
             await lg_conn.close()
         for node in nodes:
             node.proc.stop()
+        publisher_proc.stop()
         for row in rows:
             print("cluster fault", row)
     probes = probe.results if probe else []
@@ -333,8 +354,9 @@ async def run_cluster_faults(cluster: PrivateCluster, tmp_path: Path) -> None:
                                        "in flight; a TLS node started meanwhile",
                       "dlx": "SIGKILL of the dead-letter queue's leader node"}[row["fault"]],
             lost=0, rejected=0, recover_s=row["converged_s"],
-            note=(f"{row['probes']} cross-node s_client resumptions during the fault, "
-                  f"{row['failed']} not reused, none later than 5 s after the node's return; "
+            note=(f"{row['probes']} cross-node s_client resumptions (stateless tickets) during "
+                  f"the fault, {row['failed']} not reused, none later than 5 s after the node's "
+                  f"return; {row['rotations']:.0f} key rotations meanwhile, 0 tickets refused; "
                   "every replica equal to the expected set"),
             group="broker-loss",
         )
