@@ -24,8 +24,9 @@ import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractConnection
 
 from sessionbus.bus.topology import Topology, dead_letter_key
-from sessionbus.metrics import DeliveryMetrics, Metrics
+from sessionbus.metrics import DeliveryMetrics
 from sessionbus.schemas.errors import Reason
+from sessionbus.tasks import Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -42,17 +43,19 @@ class DeadLetters:
         self,
         connection: AbstractConnection,
         topology: Topology,
+        metrics: DeliveryMetrics,
+        supervisor: Supervisor,
         *,
         max_messages: int = 10_000,
         max_bytes: int = 256 * 2**20,
         in_flight: int = 128,
         timeout: float = 5.0,
         retry_after: float = 1.0,
-        metrics: DeliveryMetrics | None = None,
     ) -> None:
-        self._m = metrics if metrics is not None else Metrics().delivery
         self._conn = connection
         self._topo = topology
+        self._m = metrics
+        self._supervisor = supervisor
         self._max_messages = max_messages
         self._max_bytes = max_bytes
         self._timeout = timeout
@@ -79,7 +82,7 @@ class DeadLetters:
         self._bytes += size
         self._wake.set()
         if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._run())
+            self._task = self._supervisor.spawn(self._run(), "dead-letters")
 
     @property
     def pending(self) -> int:
@@ -115,16 +118,17 @@ class DeadLetters:
                     continue
                 message, reason = self._pending.popleft()
                 self._bytes -= len(message.body)
+                self._sending += 1  # counted as pending from here until _publish is done
                 try:
                     channel = await self._open()
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
+                    self._sending -= 1
                     slots.release()
                     self._lose(reason, type(exc).__name__)
                     self._failed_at = time.monotonic()
                     continue
-                self._sending += 1
                 task = asyncio.get_running_loop().create_task(
                     self._publish(channel, message, reason, slots))
                 tasks.add(task)

@@ -97,6 +97,7 @@ class Replicator:
         }
         self._replica_m = metrics.replica
         self._lag = self._replica_m.lag
+        self._rejected = metrics.delivery.events_rejected
         node = settings.node_id
         self._own_keys = {session_routing_key(t, node): t for t in (EventType.NEW,
                                                                     EventType.REMOVE)}
@@ -242,7 +243,7 @@ class Replicator:
         if rejected:
             m[(type_, "rejected")].inc(rejected)
         if failed:
-            self._metrics.delivery.events_rejected.labels(TABLE_FULL).inc(len(failed))
+            self._rejected.labels(TABLE_FULL).inc(len(failed))
             return failed
         return None
 

@@ -115,7 +115,7 @@ class Subscription(Generic[T]):
         )
         self._handler = handler
         self._prefetch = prefetch
-        self._dead = DeadLetters(connection, topology, metrics=self._m)
+        self._dead = DeadLetters(connection, topology, self._m, self._supervisor)
         self._resubscribing: asyncio.Task[None] | None = None
         self._channel: AbstractRobustChannel | None = None
         self._queue: AbstractQueue | None = None
@@ -150,7 +150,6 @@ class Subscription(Generic[T]):
             raise
         self._channel = channel
         channel.reopen_callbacks.add(self._on_reopen)
-
         self._worker = self._supervisor.spawn(self._work(), "subscription")
         await self._consume()
 
@@ -181,7 +180,7 @@ class Subscription(Generic[T]):
                     self._source.name)
         self._tag = None
         if self._resubscribing is None or self._resubscribing.done():
-            self._resubscribing = asyncio.get_running_loop().create_task(self._resubscribe())
+            self._resubscribing = self._supervisor.spawn(self._resubscribe(), "subscription")
 
     async def _resubscribe(self) -> None:
         delay = 0.2

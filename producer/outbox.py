@@ -389,11 +389,11 @@ class Outbox:
         if self._channel is not None:  # one publishing channel at a time
             with contextlib.suppress(*BROKER_ERRORS):
                 await asyncio.wait_for(self._channel.close(), 2)
-        # on_return_raises: a NEW/REMOVE no queue took (mandatory) fails its publish and goes
-        # back into the outbox, instead of aio-pika resolving the publish with the returned
-        # message as if the broker had stored it.
-        self._channel = channel = await connection.channel(
-            publisher_confirms=True, on_return_raises=True)
+        # on_return_raises: a mandatory message the broker returns (no queue took it: the
+        # stream not back yet after a restart, say) fails its publish and is resent; without it
+        # aio-pika resolves the confirm as a success and the batch was lost.
+        self._channel = channel = await connection.channel(publisher_confirms=True,
+                                                           on_return_raises=True)
         # Nothing is declared or checked here: a publish to a missing exchange fails (and is
         # resent), and nothing this channel needs lives on a broker node other than the
         # exchange's (the DLX, the dead queue are not involved in publishing).

@@ -35,9 +35,13 @@ def free_port() -> int:
 
 
 def unique_prefix() -> str:
-    """A fresh name prefix, its bus provisioned as the admin step would (roles only look the
-    exchanges and streams up): ``delete_topology`` removes it."""
-    prefix = f"sbtest-{uuid.uuid4().hex[:10]}"
+    return f"sbtest-{uuid.uuid4().hex[:10]}"
+
+
+def provisioned_prefix() -> str:
+    """A fresh name prefix whose bus is provisioned on the shared broker, as the admin step
+    would (roles only look the exchanges and streams up): ``delete_topology`` removes it."""
+    prefix = unique_prefix()
     provision(prefix)
     return prefix
 
@@ -151,7 +155,7 @@ def bus_env(directory: Path, *queues: str) -> Iterator[dict[str, str]]:
     are deleted."""
     key_file = directory / "bus.key"
     write_new_key_file(key_file)
-    prefix = unique_prefix()  # provisioned
+    prefix = provisioned_prefix()
     try:
         yield {"SESSIONBUS_AMQP_URL": AMQP_URL, "SESSIONBUS_BUS_KEY_FILE": str(key_file),
                "SESSIONBUS_PREFIX": prefix}

@@ -33,9 +33,9 @@ from tests.farm_support import (
     farm_files,
     free_port,
     handshake,
+    provisioned_prefix,
     revoke,
     s_client,
-    unique_prefix,
 )
 from tests.httpd_support import Httpd, apache2_binary, has_redis_module
 
@@ -95,7 +95,7 @@ class Farm:
 @pytest.fixture
 def farm(tmp_path: Path) -> Iterator[Farm]:
     key_file, cert, key = farm_files(tmp_path)
-    f = Farm(tmp_path, unique_prefix(), key_file, cert, key)
+    f = Farm(tmp_path, provisioned_prefix(), key_file, cert, key)
     try:
         yield f
     finally:

@@ -692,6 +692,9 @@ async def test_two_fronts_replicate_over_the_broker(amqp_url: str) -> None:
     prefix = f"sbtest-{uuid.uuid4().hex[:10]}"
     keys = BusKeys([new_key()])
     topo = Topology(prefix=prefix)
+    from tests.farm_support import provision
+
+    await asyncio.to_thread(provision, prefix, amqp_url)  # the admin step (roles only look)
     fronts = [
         CacheFront(CacheSettings(node_id=n, memcache=("127.0.0.1", 0), redis=("127.0.0.1", 0),
                                  session_timeout=600),

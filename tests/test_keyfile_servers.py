@@ -51,7 +51,7 @@ from tests.farm_support import (
     free_port,
     handshake,
     make_cert,
-    unique_prefix,
+    provisioned_prefix,
 )
 
 pytestmark = [pytest.mark.peers, pytest.mark.broker, pytest.mark.tls, pytest.mark.slow]
@@ -346,7 +346,7 @@ class Farm:
 @pytest.fixture
 def farm(tmp_path: Path) -> Iterator[Farm]:
     key_file, cert, key = farm_files(tmp_path)
-    f = Farm(tmp_path, unique_prefix(), key_file, cert, key)
+    f = Farm(tmp_path, provisioned_prefix(), key_file, cert, key)
     try:
         yield f
     finally:

@@ -38,7 +38,7 @@ from tests.farm_support import (
     free_port,
     handshake,
     make_cert,
-    unique_prefix,
+    provisioned_prefix,
 )
 
 pytestmark = [pytest.mark.broker, pytest.mark.tls]
@@ -99,7 +99,7 @@ def farm(tmp_path: Path) -> Iterator[KeysFarm]:
     key_file = tmp_path / "bus.key"
     write_new_key_file(key_file)
     cert, key = make_cert(tmp_path)
-    f = KeysFarm(unique_prefix(), key_file, cert, key, Processes())
+    f = KeysFarm(provisioned_prefix(), key_file, cert, key, Processes())
     try:
         yield f
     finally:

@@ -21,9 +21,9 @@ from tests.farm_support import (
     farm_files,
     free_port,
     handshake,
+    provisioned_prefix,
     revoke,
     s_client,
-    unique_prefix,
 )
 from tests.tcp_proxy import TcpProxy
 
@@ -65,7 +65,7 @@ class Farm:
 @pytest.fixture
 def farm(tmp_path: Path) -> Iterator[Farm]:
     key_file, cert, key = farm_files(tmp_path)
-    f = Farm(unique_prefix(), key_file, cert, key, Processes(), [])
+    f = Farm(provisioned_prefix(), key_file, cert, key, Processes(), [])
     try:
         yield f
     finally:

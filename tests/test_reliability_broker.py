@@ -476,14 +476,16 @@ async def test_confirmed_events_survive_a_restart_while_the_consumer_is_down(
     ch = await direct.channel()
     await declare_core(ch, topo)
     await ch.close()
-    settings = ReplicatorSettings(node_id="replica-d", sid_ctx=CTX, replay=False,
+    # v2: no per-node queue holds events for a stopped consumer; the restarted one warm-joins
+    # from the stream (replay), which is where confirmed events are kept.
+    settings = ReplicatorSettings(node_id="replica-d", sid_ctx=CTX, replay=True,
                                   session_lifetime=LIFETIME)
     task: asyncio.Task[None] | None = None
     replica: Replicator | None = None
     try:
         async with asyncio.timeout(120):  # bounded, whatever happens
             first = Replicator(direct, topo, keys, PeerCache(), settings)
-            await first.start()  # declares the durable queue
+            await first.start()
             await first.stop(5)
             box = Outbox("origin-a", topo, keys, metrics=METRICS)
             task = asyncio.get_running_loop().create_task(box.run(direct))

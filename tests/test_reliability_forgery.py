@@ -52,7 +52,7 @@ from tests.farm_support import (
     free_port,
     handshake,
     make_cert,
-    unique_prefix,
+    provisioned_prefix,
 )
 
 pytestmark = [pytest.mark.broker, pytest.mark.tls]
@@ -136,7 +136,7 @@ def farm(tmp_path: Path) -> Iterator[Farm]:
     key_file = tmp_path / "bus.key"
     write_new_key_file(key_file)
     cert, key = make_cert(tmp_path)
-    f = Farm(unique_prefix(), key_file, cert, key, Processes(), {})
+    f = Farm(provisioned_prefix(), key_file, cert, key, Processes(), {})
     try:
         for node in NODES:
             port = free_port()

@@ -27,7 +27,7 @@ from sessionbus.metrics import Metrics
 from sessionbus.producer.node import Node, NodeSettings
 from sessionbus.producer.outbox import OutboxSettings
 from sessionbus.schemas.sealing import BusKeys, new_key
-from tests.farm_support import AMQP_URL, unique_prefix
+from tests.farm_support import AMQP_URL, provisioned_prefix
 from tests.tcp_proxy import TcpProxy
 
 pytestmark = [pytest.mark.broker, pytest.mark.tls]
@@ -93,7 +93,7 @@ async def test_with_the_broker_down_handshakes_go_on_and_the_outbox_stays_bounde
     host, _, rest = AMQP_URL.rpartition("@")[2].partition(":")
     proxy = TcpProxy(host or "127.0.0.1", int(rest.split("/")[0] or 5672))
     await proxy.start()
-    topo = Topology(prefix=unique_prefix())
+    topo = Topology(prefix=provisioned_prefix())
     cert, key = tls_cert
     node = Node(
         NodeSettings(node_id="node-o", host="127.0.0.1", port=0, cert=str(cert), key=str(key),
