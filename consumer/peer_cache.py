@@ -24,8 +24,9 @@ object per entry beyond one ``bytes``):
       [sid_len:u8][expires:f64][event_time:f64][origin:u16][sid_ctx:u16][session id][DER]
 
   ``origin`` and ``sid_ctx`` are indexes into small interned tables (a farm has a handful of node
-  ids and one sid_ctx per service; at most 65,536 distinct values of each, more raise
-  ValueError). Session ids are 1-255 bytes. A ``CachedSession`` is built only when ``get`` hits.
+  ids and one sid_ctx per service; at most 65,536 distinct values of each: a ``put`` of one
+  more is refused, never raised, so a flood of contexts cannot stall replication). Session ids
+  are 1-255 bytes. A ``CachedSession`` is built only when ``get`` hits.
 * Records live in a dense entry array (``_recs``, a list) with parallel ``array`` columns: the low
   32 bits of the id's hash and the LRU doubly-linked list (``_prev``/``_next``, entry 0 is the list
   head; ``_next[0]`` is the least recently used). Free entries (``b""``) are chained through
@@ -264,7 +265,8 @@ class PeerCache:
         """Upsert a session (idempotent); it becomes the most recently used.
 
         Returns False and stores nothing if it has expired (``expires <= now``), if a live
-        tombstone exists for the id, or if this one session is larger than ``max_bytes``. For an
+        tombstone exists for the id, if this one session is larger than ``max_bytes``, or if its
+        origin or sid_ctx would be one more than the interned tables hold. For an
         id already held, the copy with the later ``event_time`` is kept (True either way).
         Raises ValueError for an id that is empty or longer than 255 bytes.
         """
@@ -292,6 +294,8 @@ class PeerCache:
         ci = self._ctx_ix.get(sid_ctx)
         if ci is None:
             ci = self._intern_ctx(sid_ctx)
+        if oi < 0 or ci < 0:
+            return False  # an interned table is full: refused like an oversize session
         h = hash(session_id)
         recs = self._recs
         i, e = self._probe(session_id)
@@ -585,7 +589,7 @@ class PeerCache:
 
     def _intern_origin(self, origin: str) -> int:
         if len(self._origins) >= _MAX_INTERNED:
-            raise ValueError("too many distinct origins")
+            return -1
         oi = len(self._origins)
         self._origins.append(origin)
         self._origin_ix[origin] = oi
@@ -593,7 +597,7 @@ class PeerCache:
 
     def _intern_ctx(self, sid_ctx: bytes) -> int:
         if len(self._ctxs) >= _MAX_INTERNED:
-            raise ValueError("too many distinct session id contexts")
+            return -1
         ci = len(self._ctxs)
         sid_ctx = bytes(sid_ctx)
         self._ctxs.append(sid_ctx)

@@ -42,8 +42,9 @@ from sessionbus.bus.connection import BROKER_ERRORS
 from sessionbus.bus.topology import Topology
 from sessionbus.consumer.dead_letters import DeadLetters
 from sessionbus.metrics import Metrics
-from sessionbus.schemas.codec import H_REASON, DecodedBatch
+from sessionbus.schemas.codec import H_REASON, DecodedBatch, delivery_headers
 from sessionbus.schemas.errors import EnvelopeError
+from sessionbus.schemas.freshness import Freshness
 from sessionbus.tasks import Supervisor
 
 log = logging.getLogger(__name__)
@@ -109,7 +110,7 @@ class Subscription(Generic[T]):
         self._report = report_rejects
         self._topo = topology
         self._source = source
-        self._decode_fn: Callable[[AbstractIncomingMessage], T] = (
+        self._decode_fn: Callable[[AbstractIncomingMessage, dict[str, Any]], T] = (
             _with_envelope(decode.decode) if isinstance(decode, WithEnvelope)
             else _body_and_headers(decode)
         )
@@ -121,6 +122,7 @@ class Subscription(Generic[T]):
         self._queue: AbstractQueue | None = None
         self._tag: str | None = None
         self._inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+        self._freshness = Freshness()  # replay state of this delivery path (see codec)
         self._worker: asyncio.Task[None] | None = None
         self._stopping = False
         self._closing = False
@@ -286,8 +288,10 @@ class Subscription(Generic[T]):
             offset = raw if isinstance(raw, int) else None
             if offset is not None and self.last_offset is not None and offset <= self.last_offset:
                 return  # already handled before a resubscribe
+        # the delivery (routing key, broker-checked user, replay state) goes with the headers
+        headers: dict[str, Any] = delivery_headers(message, self._freshness)
         try:
-            decoded = self._decode_fn(message)
+            decoded = self._decode_fn(message, headers)
         except EnvelopeError as exc:
             if self._report:
                 self._m.events_rejected.labels(exc.reason.value).inc()
@@ -335,14 +339,18 @@ class Subscription(Generic[T]):
         return True
 
 
-def _body_and_headers(decode: Decoder[T]) -> Callable[[AbstractIncomingMessage], T]:
-    def run(message: AbstractIncomingMessage) -> T:
-        return decode(message.body, message.headers or {})
+def _body_and_headers(
+    decode: Decoder[T],
+) -> Callable[[AbstractIncomingMessage, dict[str, Any]], T]:
+    def run(message: AbstractIncomingMessage, headers: dict[str, Any]) -> T:
+        return decode(message.body, headers)
     return run
 
 
-def _with_envelope(decode: Callable[[Inbound], T]) -> Callable[[AbstractIncomingMessage], T]:
-    def run(message: AbstractIncomingMessage) -> T:
-        return decode(Inbound(message.body, message.headers or {}, message.routing_key or "",
+def _with_envelope(
+    decode: Callable[[Inbound], T],
+) -> Callable[[AbstractIncomingMessage, dict[str, Any]], T]:
+    def run(message: AbstractIncomingMessage, headers: dict[str, Any]) -> T:
+        return decode(Inbound(message.body, headers, message.routing_key or "",
                               message.user_id))
     return run

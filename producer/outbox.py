@@ -28,7 +28,7 @@ from aiormq.exceptions import DeliveryError, PublishError
 from sessionbus.bus.connection import BROKER_ERRORS
 from sessionbus.bus.topology import Topology, session_routing_key
 from sessionbus.metrics import Metrics
-from sessionbus.schemas.codec import CONTENT_TYPE, encode_rows
+from sessionbus.schemas.codec import CONTENT_TYPE, encode_rows, sender_user
 from sessionbus.schemas.events import EventType, RemoveReason
 from sessionbus.schemas.rows import GetRow, NewRow, RemoveRow, Row
 from sessionbus.schemas.sealing import BusKeys
@@ -287,6 +287,7 @@ class Outbox:
         """Publish forever (until cancelled)."""
         slots = asyncio.Semaphore(self._s.in_flight)
         exchange: AbstractExchange | None = None
+        user_id = sender_user(str(getattr(connection, "url", "")))  # the broker checks it
         failed = asyncio.Event()
         tasks: set[asyncio.Task[None]] = set()
         crashed: list[BaseException] = []  # a publish that raised something not the broker's
@@ -305,7 +306,7 @@ class Outbox:
                 msg = aio_pika.Message(
                     body, headers=headers, content_type=CONTENT_TYPE,
                     delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                    message_id=f"{self.origin}.{self._batches}",
+                    message_id=f"{self.origin}.{self._batches}", user_id=user_id,
                 )
                 await asyncio.wait_for(
                     exchange.publish(

@@ -1,9 +1,17 @@
 """msgpack encoding of event batches and key rings, sealing, and validation.
 
 A message is an AMQP body (sealed, see ``sealing``) plus three clear headers: schema version,
-event type and origin node.  The headers are the AEAD's associated data.  Decoding raises
-``EnvelopeError`` for faults of the whole message, and reports each bad event of an otherwise
-good batch as ``Rejected`` so the good ones are still applied.
+event type and origin node.  The headers and the routing key are the AEAD's associated data.
+Decoding raises ``EnvelopeError`` for faults of the whole message, and reports each bad event of
+an otherwise good batch as ``Rejected`` so the good ones are still applied.
+
+Order of checks: size, clear headers, the AEAD tag (and a ring's Ed25519 signature); only then
+is anything of the body parsed.  For a message that came from the broker (the receiver passes
+``delivery_headers(message)``), the sender is checked next: the broker-validated AMQP ``user_id``,
+the envelope origin and the routing key's suffix must agree (``Reason.SENDER``), and the message
+must be fresh (``schemas.freshness``).  ``user_id`` may differ from the origin only for users the
+receiver names in ``BusKeys(any_origin_users=...)``, the dev/test allowance (``guest`` on a
+loopback broker; the CLI refuses it for any other broker).
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from sessionbus.schemas.events import (
     SessionEvent,
     valid_node_id,
 )
+from sessionbus.schemas.freshness import Freshness
 from sessionbus.schemas.rows import ROW_LENGTH, GetRow, NewRow, RemoveRow, Row
 from sessionbus.schemas.sealing import BusKeys
 from sessionbus.schemas.session_der import DerError, parse_session
@@ -38,6 +47,9 @@ H_VERSION = "sessionbus-version"
 H_TYPE = "sessionbus-type"
 H_ORIGIN = "sessionbus-origin"
 H_REASON = "sessionbus-reject-reason"  # set on dead-lettered copies
+# Set by the receiver, never by a sender: its value is a ``Delivery`` object, which no AMQP header
+# value can be (``delivery_headers`` overwrites whatever a sender put under this name).
+X_DELIVERY = "x-sessionbus-delivery"
 
 _REMOVE_REASONS = {r.value: r for r in RemoveReason}
 
@@ -49,9 +61,43 @@ class Limits:
     max_message_bytes: int = 1 << 20
     max_event_bytes: int = 16 << 10
     max_events: int = 4096
+    # A REMOVE's expiry (its tombstone) is capped at now + this; messages sealed longer ago than
+    # this are stale (a warm join replays this much of the stream).
+    session_lifetime: float = 86400.0
+    clock_skew: float = 120.0  # between any two hosts of the farm
 
 
 DEFAULT_LIMITS = Limits()
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """What the broker said about a delivery (not the sender): routing key, validated user_id,
+    and the receiving path's replay state."""
+
+    routing_key: str
+    user_id: str | None
+    freshness: Freshness | None = None
+
+
+def delivery_headers(message: Any, freshness: Freshness | None = None) -> dict[str, Any]:
+    """The headers of an incoming aio-pika message, with its ``Delivery`` under ``X_DELIVERY``
+    (replacing anything a sender put there): what a receiver passes to the decoders."""
+    headers: dict[str, Any] = dict(message.headers or {})
+    user = message.user_id
+    if isinstance(user, bytes):
+        user = user.decode("utf-8", "replace")
+    headers[X_DELIVERY] = Delivery(str(message.routing_key or ""),
+                                   user if isinstance(user, str) else None, freshness)
+    return headers
+
+
+def sender_user(url: str) -> str:
+    """The broker username a connection URL logs in as: what every publish sets as ``user_id``
+    (the broker refuses a publish whose user_id is not the connection's user)."""
+    from urllib.parse import unquote, urlsplit
+
+    return unquote(urlsplit(url).username or "") or "guest"
 
 
 @dataclass(slots=True)
@@ -63,8 +109,15 @@ class DecodedBatch:
     rejected: list[Rejected] = field(default_factory=list)
 
 
-def _aad(version: int, type_: str, origin: str) -> bytes:
-    return msgpack.packb([version, type_, origin])  # type: ignore[no-any-return]
+def _aad(version: int, type_: str, origin: str, routing_key: str) -> bytes:
+    return msgpack.packb([version, type_, origin, routing_key])  # type: ignore[no-any-return]
+
+
+def _routing_key(type_: str, origin: str) -> str:
+    """The routing key a sender of ``origin`` publishes ``type_`` on (``bus.topology``'s)."""
+    if type_ == EventType.KEYRING.value:
+        return f"keys.{origin}"
+    return f"session.{type_}.{origin}"
 
 
 def _headers(type_: EventType, origin: str) -> dict[str, Any]:
@@ -99,7 +152,8 @@ def encode_rows(
     if type_ not in (EventType.NEW, EventType.GET, EventType.REMOVE):
         raise ValueError(f"not a session event type: {type_}")
     plain = msgpack.packb([_time.time() if now is None else now, rows], use_bin_type=True)
-    body = keys.seal(plain, _aad(SCHEMA_VERSION, type_.value, origin))
+    aad = _aad(SCHEMA_VERSION, type_.value, origin, _routing_key(type_.value, origin))
+    body = keys.seal(plain, aad)
     return body, _headers(type_, origin)
 
 
@@ -115,8 +169,10 @@ def encode_batch(
 
 
 def _open(
-    body: bytes, headers: Mapping[str, Any] | None, keys: BusKeys, limits: Limits
-) -> tuple[int, str, str, Any]:
+    body: bytes, headers: Mapping[str, Any] | None, keys: BusKeys, limits: Limits,
+    *, ring: bool = False,
+) -> tuple[str, str, Any, Delivery | None, int, bytes]:
+    """(type, origin, payload, delivery, counter, salt): authenticated, sender checked, parsed."""
     if len(body) > limits.max_message_bytes:
         raise EnvelopeError(Reason.OVERSIZE, f"{len(body)} bytes")
     headers = headers or {}
@@ -132,14 +188,28 @@ def _open(
         origin = origin.decode("utf-8", "replace")
     if not isinstance(type_, str) or not isinstance(origin, str):
         raise EnvelopeError(Reason.FIELD, "type or origin header missing")
-    try:
-        plain = keys.open(body, _aad(version, type_, origin))
-    except EnvelopeError as exc:
-        # A sealed body (key id | nonce | ciphertext) is random-looking bytes; one that is a whole
-        # msgpack payload was never sealed: forged, not merely sealed under a key we lack.
-        if exc.reason is Reason.UNKNOWN_KEY and _is_plain_payload(body):
-            raise EnvelopeError(Reason.FORGED, "not sealed") from None
-        raise
+    if (type_ == EventType.KEYRING.value) is not ring:
+        # A ring where sessions go or the reverse: refused on the clear header, unopened.
+        raise EnvelopeError(Reason.TYPE, "a key ring on the session exchange" if not ring
+                            else "expected a key ring")
+    delivery = headers.get(X_DELIVERY)
+    if not isinstance(delivery, Delivery):
+        delivery = None  # decoded in-process (tests, tools), not received from a broker
+    canonical = _routing_key(type_, origin)
+    routing_key = canonical if delivery is None else delivery.routing_key
+    aad = _aad(version, type_, origin, routing_key)
+    # Authentication (and a ring's signature) before anything of the body is parsed.
+    counter, salt = 0, b""
+    if ring:
+        plain = keys.open_ring(body, aad)
+    else:
+        opened = keys.open_session(body, aad)
+        plain, counter, salt = opened.plaintext, opened.counter, opened.salt
+    if delivery is not None:
+        if routing_key != canonical:
+            raise EnvelopeError(Reason.SENDER, "routing key does not match the origin")
+        if delivery.user_id != origin and delivery.user_id not in keys.any_origin_users:
+            raise EnvelopeError(Reason.SENDER, "user_id does not match the origin")
     # Authentic from here on: what follows catches bugs of key holders, not attackers.
     try:
         payload = msgpack.unpackb(plain, raw=False, strict_map_key=True)
@@ -149,16 +219,7 @@ def _open(
         raise EnvelopeError(Reason.TYPE, "unknown event type")
     if not valid_node_id(origin):
         raise EnvelopeError(Reason.FIELD, "origin is not a node id")
-    return version, type_, origin, payload
-
-
-def _is_plain_payload(body: bytes) -> bool:
-    """Whether ``body`` is a whole msgpack ``[time, ...]`` payload, i.e. one never sealed."""
-    try:
-        doc = msgpack.unpackb(body, raw=True, strict_map_key=False)
-    except Exception:
-        return False
-    return isinstance(doc, list) and len(doc) == 2
+    return type_, origin, payload, delivery, counter, salt
 
 
 def _num(v: Any) -> bool:
@@ -179,7 +240,7 @@ def decode_batch(
     ``sid_ctx``: when given, NEW events of another session id context (or opaque ones) are
     rejected with ``context``: a TLS node can use only its own service's sessions.
     """
-    _, type_name, origin, payload = _open(body, headers, keys, limits)
+    type_name, origin, payload, delivery, counter, salt = _open(body, headers, keys, limits)
     type_ = EventType(type_name)
     if type_ is EventType.KEYRING:
         raise EnvelopeError(Reason.TYPE, "a key ring on the session exchange")
@@ -194,6 +255,9 @@ def decode_batch(
     if len(rows) > limits.max_events:
         raise EnvelopeError(Reason.OVERSIZE, f"{len(rows)} events")
     now = _time.time() if now is None else now
+    if delivery is not None and delivery.freshness is not None:
+        delivery.freshness.check(origin, salt, counter, float(payload[0]), now,
+                                 limits.session_lifetime, limits.clock_skew)
     out = DecodedBatch(type=type_, origin=origin, time=float(payload[0]))
     for i, row in enumerate(rows):
         try:
@@ -259,7 +323,9 @@ def _event(
     reason = _REMOVE_REASONS.get(row[5]) if isinstance(row[5], str) else None
     if reason is None:
         raise EnvelopeError(Reason.FIELD, "remove reason")
-    return SessionEvent(type_, origin, seq, float(t), sid, ctx, float(expires), reason=reason)
+    # A tombstone lasts no longer than a session can: an absurd expiry would stay forever.
+    capped = min(float(expires), now + limits.session_lifetime)
+    return SessionEvent(type_, origin, seq, float(t), sid, ctx, capped, reason=reason)
 
 
 # --- key ring -------------------------------------------------------------------------------
@@ -277,7 +343,8 @@ def encode_key_ring(
         [_time.time() if now is None else now, [ring.seq, ring.issued_at, rows]],
         use_bin_type=True,
     )
-    body = keys.seal(plain, _aad(SCHEMA_VERSION, EventType.KEYRING.value, origin))
+    kind = EventType.KEYRING.value
+    body = keys.seal_ring(plain, _aad(SCHEMA_VERSION, kind, origin, _routing_key(kind, origin)))
     return body, _headers(EventType.KEYRING, origin)
 
 
@@ -287,8 +354,11 @@ def decode_key_ring(
     keys: BusKeys,
     *,
     limits: Limits = DEFAULT_LIMITS,
+    now: float | None = None,
 ) -> KeyRing:
-    _, type_name, _origin, payload = _open(body, headers, keys, limits)
+    """Open a key ring: sealed under a ring key, signed by a trusted signer (checked before it is
+    parsed), issued no later than now + the clock skew."""
+    type_name, _origin, payload, _d, _c, _s = _open(body, headers, keys, limits, ring=True)
     if type_name != EventType.KEYRING.value:
         raise EnvelopeError(Reason.TYPE, "expected a key ring")
     try:
@@ -305,4 +375,7 @@ def decode_key_ring(
     except (TypeError, ValueError, IndexError, KeyError):
         # never chain: the original exception could quote key bytes
         raise EnvelopeError(Reason.FIELD, "key ring fields") from None
+    now = _time.time() if now is None else now
+    if issued_at > now + limits.clock_skew:
+        raise EnvelopeError(Reason.FUTURE, f"ring issued {issued_at - now:.0f}s ahead")
     return KeyRing(seq=seq, issued_at=float(issued_at), keys=ring_keys)

@@ -19,6 +19,12 @@ class Reason(StrEnum):
     EXPIRED = "expired"  # the session's expiry has passed
     ID_MISMATCH = "id_mismatch"  # the DER's session id differs from the envelope's
     CONTEXT = "context"  # the session id context is not this service's
+    SENDER = "sender"  # AMQP user_id, envelope origin and routing-key suffix disagree
+    SIGNATURE = "signature"  # a key ring's signature or signer is wrong
+    FUTURE = "future"  # sealed or issued later than now + the allowed clock skew
+    STALE = "stale"  # sealed before the freshness window (older than the session lifetime)
+    REPLAY = "replay"  # a message this receiver already took (same sender salt and counter)
+    TABLE_FULL = "table_full"  # a bounded table (senders, origins) is full: refused, not raised
     HANDLER = "handler"  # a custom consumer's handler kept failing (dead-lettered after retries)
 
 

@@ -25,8 +25,9 @@ from aio_pika.abc import AbstractRobustConnection
 
 from sessionbus.bus.connection import BrokerSettings, connect
 from sessionbus.bus.topology import Topology, declare_admin, delete_all
-from sessionbus.schemas.sealing import BusKeys, new_key
+from sessionbus.schemas.sealing import BusKeys
 from tests.helpers_der import make_session_der
+from tests.helpers_keys import farm_keys
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 # The session id context the session_der factory uses unless told otherwise.
@@ -88,14 +89,14 @@ def pytest_runtest_protocol(item: pytest.Item) -> Generator[None, None, None]:
 
 @pytest.fixture
 def bus_keys() -> BusKeys:
-    """The bus keys of "this farm": one fresh key."""
-    return BusKeys([new_key()])
+    """The bus keys of "this farm": one fresh key (and a ring signing key)."""
+    return farm_keys()
 
 
 @pytest.fixture
 def other_bus_keys() -> BusKeys:
     """Keys of another farm (or an attacker): one fresh key that ``bus_keys`` does not hold."""
-    return BusKeys([new_key()])
+    return farm_keys()
 
 
 # --- sessions ---------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from pathlib import Path
 from sessionbus.bus.connection import BrokerSettings, connect
 from sessionbus.bus.topology import Topology, declare_admin, delete_all
 from sessionbus.cli.local_farm import self_signed
-from sessionbus.schemas.sealing import write_new_key_file
+from sessionbus.schemas.sealing import write_new_key_file, write_signing_key_pair
 
 AMQP_URL = os.environ.get("SESSIONBUS_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 REPO = Path(__file__).resolve().parent.parent
@@ -104,10 +104,32 @@ class Proc:
         return self.popen.returncode
 
 
+def ring_files(key_file: str | Path) -> tuple[Path, Path]:
+    """The ring signing key and public key file of a test farm's bus key (made on first use,
+    next to it)."""
+    sign, public = Path(f"{key_file}.ring-signing"), Path(f"{key_file}.ring-public")
+    if not sign.exists():
+        write_signing_key_pair(sign, public, force=True)
+    return sign, public
+
+
+def role_env(env: dict[str, str]) -> dict[str, str]:
+    """A test role's environment completed as every test farm needs it: the ring signing key
+    and public key of its bus key, and the single-user allowance (every test role is guest on
+    the loopback broker)."""
+    key_file = env.get("SESSIONBUS_BUS_KEY_FILE")
+    out = {"SESSIONBUS_ANY_ORIGIN_USERS": "guest", **env}
+    if key_file and "SESSIONBUS_RING_PUBLIC_KEY_FILE" not in env:
+        sign, public = ring_files(key_file)
+        out["SESSIONBUS_RING_PUBLIC_KEY_FILE"] = str(public)
+        out.setdefault("SESSIONBUS_RING_SIGNING_KEY_FILE", str(sign))
+    return out
+
+
 def start(args: list[str], env: dict[str, str] | None = None, cwd: Path | None = None,
           module: str = "sessionbus") -> Proc:
     """``python -m MODULE ARGS`` (the CLI; ``tests.inject_fault`` for the supervision tests)."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    full_env = role_env({**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
     popen = subprocess.Popen(
         [sys.executable, "-m", module, *args],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env,
@@ -155,10 +177,14 @@ def bus_env(directory: Path, *queues: str) -> Iterator[dict[str, str]]:
     are deleted."""
     key_file = directory / "bus.key"
     write_new_key_file(key_file)
+    sign, public = ring_files(key_file)
     prefix = provisioned_prefix()
     try:
+        # Every role runs as guest on the loopback broker here: the explicit test allowance.
         yield {"SESSIONBUS_AMQP_URL": AMQP_URL, "SESSIONBUS_BUS_KEY_FILE": str(key_file),
-               "SESSIONBUS_PREFIX": prefix}
+               "SESSIONBUS_PREFIX": prefix, "SESSIONBUS_RING_PUBLIC_KEY_FILE": str(public),
+               "SESSIONBUS_RING_SIGNING_KEY_FILE": str(sign),
+               "SESSIONBUS_ANY_ORIGIN_USERS": "guest"}
     finally:
         delete_topology(prefix, [f"{prefix}.{q}" for q in queues])
 
@@ -167,7 +193,7 @@ def revoke(env: dict[str, str], session_id: bytes) -> subprocess.CompletedProces
     """``sessionbus revoke`` of one session, as an operator runs it."""
     return subprocess.run(
         [sys.executable, "-m", "sessionbus", "revoke", "--session-id", session_id.hex()],
-        env={**os.environ, **env}, capture_output=True, text=True, timeout=30,
+        env=role_env({**os.environ, **env}), capture_output=True, text=True, timeout=30,
     )
 
 

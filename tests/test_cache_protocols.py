@@ -30,6 +30,7 @@ from sessionbus.servers.cache.front import CacheFront, CacheSettings
 from sessionbus.servers.cache.store import OPAQUE_SID_CTX, Store
 from tests.conftest import TEST_SID_CTX
 from tests.helpers_der import make_session_der
+from tests.helpers_keys import farm_keys
 
 HTTPD_CTX = b"38049255d275b0b38e6e6c6da4c8b3a1"  # what httpd puts there: 32 hex digits
 MAX_VALUE = 16 << 10
@@ -500,7 +501,12 @@ async def test_a_client_that_does_not_read_costs_only_itself(front: Front, clien
     request = b"get " + mc_key(der) + b"\r\n"
     # ~6 MB of answers it never reads: the front stops reading from it instead of buffering
     hog.write(request * 20_000)
-    await asyncio.sleep(0.5)
+    # until the front has filled the hog's socket (bounded: a loaded machine takes longer)
+    for _ in range(100):
+        await asyncio.sleep(0.1)
+        held_now = [c for c in front.front.connections.open if c._unwritten]
+        if held_now and not held_now[0]._reading:
+            break
     (held,) = [c for c in front.front.connections.open if c._unwritten]
     assert not held._reading
     # what it holds for the hog: its bound plus the answers to one read of requests
@@ -523,7 +529,11 @@ async def test_a_slow_reader_gets_every_answer_once_it_reads(front: Front, clien
     try:
         n = 20_000  # ~6 MB of answers: more than the server's socket buffer (4 MB at most)
         writer.write(request * n + b"version\r\n")
-        await asyncio.sleep(0.5)  # the front fills the socket and stops reading
+        for _ in range(100):  # the front fills the socket and stops reading (bounded wait)
+            await asyncio.sleep(0.1)
+            slow = [conn for conn in front.front.connections.open if conn._unwritten]
+            if slow and not slow[0]._reading:
+                break
         slow = [conn for conn in front.front.connections.open if conn._unwritten]
         assert len(slow) == 1 and not slow[0]._reading
         assert (await other.ask(request, b"END\r\n")) == answer  # others are served meanwhile
@@ -690,7 +700,7 @@ async def test_redis_oversize_and_disconnect_mid_bulk(front: Front, clients: Any
 @pytest.mark.broker
 async def test_two_fronts_replicate_over_the_broker(amqp_url: str) -> None:
     prefix = f"sbtest-{uuid.uuid4().hex[:10]}"
-    keys = BusKeys([new_key()])
+    keys = farm_keys()
     topo = Topology(prefix=prefix)
     from tests.farm_support import provision
 

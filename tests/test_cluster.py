@@ -45,10 +45,10 @@ from sessionbus.metrics import Metrics
 from sessionbus.producer.outbox import Outbox
 from sessionbus.schemas.codec import decode_batch
 from sessionbus.schemas.events import EventType, RemoveReason
-from sessionbus.schemas.sealing import load_bus_keys
 from tests.farm_support import Proc, farm_files, free_port, s_client, unique_prefix
 from tests.farm_support import start as start_proc
 from tests.helpers_der import make_session_der
+from tests.helpers_keys import keys_for
 from tests.private_broker import PrivateBroker, PrivateCluster
 
 pytestmark = [pytest.mark.slow, pytest.mark.tls]
@@ -179,7 +179,7 @@ def queue_leader(broker: PrivateBroker, queue: str) -> str:
 
 async def stream_ids(url: str, topo: Topology, key_file: Path) -> tuple[set[bytes], set[bytes]]:
     """The load generator's NEW and REMOVE session ids the session stream holds."""
-    keys = load_bus_keys(key_file)
+    keys = keys_for(key_file)
     conn = await connect(BrokerSettings(url=url))
     new: set[bytes] = set()
     rem: set[bytes] = set()
@@ -238,7 +238,7 @@ async def run_cluster_faults(cluster: PrivateCluster, tmp_path: Path) -> None:
 
     metrics = Metrics()
     lg_conn = await connect(BrokerSettings(url=urls, name="sbtest loadgen"))
-    outbox = Outbox("loadgen", topo, load_bus_keys(key_file), metrics=metrics)
+    outbox = Outbox("loadgen", topo, keys_for(key_file), metrics=metrics)
     publisher = asyncio.get_running_loop().create_task(outbox.run(lg_conn))
     load = Load(outbox)
     probe: Probe | None = None

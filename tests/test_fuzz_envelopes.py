@@ -47,20 +47,23 @@ from sessionbus.schemas.codec import (
     H_VERSION,
     DecodedBatch,
     Limits,
+    _aad,
+    _routing_key,
     decode_batch,
     encode_rows,
 )
 from sessionbus.schemas.errors import EnvelopeError, Reason
 from sessionbus.schemas.events import MAX_SESSION_ID, MAX_SID_CTX, EventType
-from sessionbus.schemas.sealing import KEY_ID_SIZE, BusKeys, new_key
+from sessionbus.schemas.sealing import KEY_ID_SIZE, SEAL_OVERHEAD, BusKeys
 from sessionbus.schemas.session_der import parse_session
 from tests.helpers_der import make_session_der
+from tests.helpers_keys import farm_keys
 
 CTX = b"sessionbus-test"
 OTHER_CTX = b"another-service"
 ORIGIN = "node-x"
-KEYS = BusKeys([new_key()])  # the farm's (hypothesis tests cannot take function fixtures)
-ATTACKER = BusKeys([new_key()])  # a key the farm does not hold
+KEYS = farm_keys()  # the farm's (hypothesis tests cannot take function fixtures)
+ATTACKER = farm_keys()  # a key the farm does not hold
 # small, so oversize messages stay cheap to send (the replicator of the live test uses them too)
 LIMITS = Limits(max_message_bytes=64 << 10, max_events=256)
 REASONS = frozenset(r.value for r in Reason)
@@ -111,7 +114,7 @@ def seal(type_: EventType, rows: list[list[Any]], keys: BusKeys = KEYS,
 def seal_payload(payload: Any, type_: str = "new", origin: str = ORIGIN,
                  ) -> tuple[bytes, dict[str, Any]]:
     """Seal any msgpack payload with the farm key: what a buggy key holder could publish."""
-    aad = msgpack.packb([1, type_, origin])  # the clear headers, as the design fixes them
+    aad = _aad(1, type_, origin, _routing_key(type_, origin))  # clear headers + routing key
     body = KEYS.seal(msgpack.packb(payload, use_bin_type=True), aad)
     headers = {H_VERSION: 1, H_TYPE: type_, H_ORIGIN: origin}
     SEALED.add(normal(body, headers))
@@ -202,7 +205,7 @@ def mutations(draw: st.DrawFn, body: bytes) -> bytes:
             body = body[: draw(st.integers(0, n))] + other[draw(st.integers(0, len(other))):]
         elif op == "key_id":
             kid = draw(st.sampled_from([ATTACKER.seal_key_id, os.urandom(KEY_ID_SIZE)]))
-            body = kid + body[KEY_ID_SIZE:]
+            body = body[:1] + kid + body[1 + KEY_ID_SIZE:]
     return body
 
 
@@ -299,7 +302,7 @@ def named_case(name: str, rng: random.Random) -> tuple[bytes, dict[str, Any], Re
         return rng.randbytes(rng.randrange(32)), h, Reason.TRUNCATED
     if name == "truncated-genuine":
         body, hh = seal(EventType.NEW, [new_row()])
-        return body[: rng.randrange(33, len(body))], hh, Reason.FORGED
+        return body[: rng.randrange(SEAL_OVERHEAD, len(body))], hh, Reason.FORGED
     if name == "wrong-version":
         body, hh = seal(EventType.NEW, [new_row()])
         return body, {**hh, H_VERSION: rng.choice([0, 2, 3, 99, 255])}, Reason.VERSION
@@ -314,9 +317,12 @@ def named_case(name: str, rng: random.Random) -> tuple[bytes, dict[str, Any], Re
         return *seal(EventType.NEW, [new_row()], ATTACKER), Reason.UNKNOWN_KEY
     if name == "forged-bit-flip":
         body, hh = seal(EventType.NEW, [new_row()])
-        return _flip(body, rng.randrange(len(body))), hh, Reason.FORGED
+        # any byte but the key id (which only selects a key: altered, it is unknown_key)
+        i = rng.choice([0, *range(1 + KEY_ID_SIZE, len(body))])
+        return _flip(body, i), hh, Reason.FORGED
     if name == "forged-farm-key-id":
-        return KEYS.seal_key_id + rng.randbytes(rng.randrange(28, 600)), h, Reason.FORGED
+        return (b"\x02" + KEYS.seal_key_id + rng.randbytes(rng.randrange(SEAL_OVERHEAD, 600)),
+                h, Reason.FORGED)
     if name == "forged-plaintext":
         return msgpack.packb([time.time(), [new_row()]], use_bin_type=True), h, Reason.FORGED
     if name == "forged-header-type":
@@ -332,7 +338,8 @@ def named_case(name: str, rng: random.Random) -> tuple[bytes, dict[str, Any], Re
     if name == "id-mismatch":
         return *seal(EventType.NEW, [new_row(der_sid=os.urandom(32))]), Reason.ID_MISMATCH
     if name == "authentic-malformed":
-        body = KEYS.seal(b"\xc1" + rng.randbytes(8), msgpack.packb([1, "new", ORIGIN]))
+        body = KEYS.seal(b"\xc1" + rng.randbytes(8),
+                         _aad(1, "new", ORIGIN, _routing_key("new", ORIGIN)))
         return body, h, Reason.MALFORMED
     if name == "authentic-bad-shape":
         return *seal_payload([time.time(), "not rows"]), Reason.FIELD
@@ -371,7 +378,9 @@ def test_every_single_bit_flip_of_a_genuine_new_is_forged() -> None:
     for i in range(len(body)):
         for bit in range(8):
             flipped = body[:i] + bytes([body[i] ^ (1 << bit)]) + body[i + 1:]
-            assert judge(flipped, headers) is Reason.FORGED
+            # the key id only selects a key: altered, it names one nobody holds
+            want = Reason.UNKNOWN_KEY if 1 <= i <= KEY_ID_SIZE else Reason.FORGED
+            assert judge(flipped, headers) is want
 
 
 def test_a_replayed_message_is_accepted_until_its_session_expires() -> None:
@@ -427,6 +436,13 @@ def live_message(i: int, rng: random.Random) -> tuple[str, bytes, dict[str, Any]
             return MUTATED, bytes(mutated), headers, verdict(judge(bytes(mutated), headers))  # type: ignore[return-value]
 
 
+def routing_key_of(headers: Mapping[str, Any], default: str) -> str:
+    """The routing key a sender of the message's type publishes on (the routing key is in the
+    associated data: a REMOVE sent on the NEW key is forged)."""
+    t = headers.get(H_TYPE)
+    return session_routing_key(EventType(t), ORIGIN) if t in ("new", "get", "remove") else default
+
+
 METRICS = Metrics()  # this module's own registry: what its components count
 
 
@@ -466,8 +482,9 @@ async def test_10000_fuzzed_messages_to_a_live_consumer(
             key = session_routing_key(EventType.NEW, ORIGIN)
             for start in range(0, LIVE_MESSAGES, 256):
                 await asyncio.gather(*(
-                    x.publish(aio_pika.Message(body, headers=headers, content_type=CONTENT_TYPE),
-                              key)
+                    x.publish(aio_pika.Message(body, headers=headers, content_type=CONTENT_TYPE,
+                                     user_id="guest"),
+                              routing_key_of(headers, key))
                     for _, body, headers, _ in messages[start:start + 256]
                 ))
             t_sent = time.monotonic()
@@ -482,7 +499,8 @@ async def test_10000_fuzzed_messages_to_a_live_consumer(
             # the consumer is still up: a genuine session after all that is applied
             sid = os.urandom(32)
             body, headers = seal(EventType.NEW, [new_row(sid)])
-            await x.publish(aio_pika.Message(body, headers=headers, content_type=CONTENT_TYPE),
+            await x.publish(aio_pika.Message(body, headers=headers, content_type=CONTENT_TYPE,
+                                     user_id="guest"),
                             key)
             while sid not in replica.cache:
                 await asyncio.sleep(0.02)

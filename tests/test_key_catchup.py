@@ -20,9 +20,9 @@ from sessionbus.bus.topology import (
 )
 from sessionbus.keys.follower import KeyFollower
 from sessionbus.schemas.codec import CONTENT_TYPE, encode_key_ring
-from sessionbus.schemas.sealing import BusKeys, new_key
 from sessionbus.schemas.ticket_keys import KeyRing, TicketKey
 from tests.farm_support import AMQP_URL, unique_prefix
+from tests.helpers_keys import farm_keys
 from tests.tcp_proxy import TcpProxy
 
 
@@ -35,7 +35,7 @@ def ring(seq: int) -> KeyRing:
 @pytest.mark.deadline(60)
 async def test_follower_cut_off_across_a_rotation_catches_up_within_a_second() -> None:
     topo = Topology(prefix=unique_prefix())
-    keys = BusKeys([new_key()])
+    keys = farm_keys()
     u = URL(AMQP_URL)
     direct = await connect(BrokerSettings(url=AMQP_URL))
     proxy = TcpProxy(u.host or "127.0.0.1", u.port or 5672)
@@ -51,7 +51,8 @@ async def test_follower_cut_off_across_a_rotation_catches_up_within_a_second() -
             body, headers = encode_key_ring(r, "keys-test", keys)
             await exchange.publish(
                 aio_pika.Message(body, headers=headers, content_type=CONTENT_TYPE,
-                                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+                                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                                 user_id=u.user or "guest", timestamp=time.time()),
                 key_routing_key("keys-test"))
 
         await publish(ring(1))

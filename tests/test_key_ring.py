@@ -19,8 +19,8 @@ from sessionbus.keys.ring import (
     describe,
 )
 from sessionbus.schemas.codec import decode_key_ring, encode_key_ring
-from sessionbus.schemas.sealing import BusKeys
 from sessionbus.schemas.ticket_keys import KeyRing, KeyState, TicketKey
+from tests.helpers_keys import farm_keys
 
 T0 = 1_800_000_000.0
 
@@ -171,9 +171,9 @@ def test_continues_a_ring_read_back_after_failover() -> None:
     tl = Timeline(rotate_every=10, keep=2, announce_ahead=2)
     history = run_on_time(tl, T0, T0 + 35)
     when, last = history[-1]
-    bus = BusKeys([b"k" * 32])
+    bus = farm_keys(b"k" * 32)
     body, headers = encode_key_ring(last, "keys-a", bus)
-    read_back = decode_key_ring(body, headers, bus)
+    read_back = decode_key_ring(body, headers, bus, now=when)
     # the new leader takes over a little later, before anything is due
     t = when + 1
     same, nxt = advance(read_back, t, tl)

@@ -28,7 +28,7 @@ from aio_pika.abc import AbstractRobustConnection
 
 from sessionbus.bus.topology import Topology, declare_core, declare_keys, key_routing_key
 from sessionbus.schemas.codec import CONTENT_TYPE, encode_key_ring
-from sessionbus.schemas.sealing import BusKeys, load_bus_keys, write_new_key_file
+from sessionbus.schemas.sealing import BusKeys, write_new_key_file
 from sessionbus.schemas.ticket_keys import KeyRing, TicketKey
 from sessionbus.servers.keyfile.atomic_files import UnsafeDirectoryError
 from sessionbus.servers.keyfile.formats import ATS_FILE, HAPROXY_FILE, KeyFileFormat, render
@@ -40,7 +40,8 @@ from sessionbus.servers.keyfile.runner import (
     haproxy_shift,
     run_command,
 )
-from tests.farm_support import AMQP_URL, Processes, delete_topology, free_port
+from tests.farm_support import AMQP_URL, Processes, delete_topology, free_port, role_env
+from tests.helpers_keys import keys_for
 
 pytestmark = [pytest.mark.broker]
 
@@ -70,7 +71,7 @@ async def publish(
         body, headers = encode_key_ring(ring, PUBLISHER, keys)
         await exchange.publish(
             aio_pika.Message(body, headers=headers, content_type=CONTENT_TYPE,
-                             delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+                             delivery_mode=aio_pika.DeliveryMode.PERSISTENT, user_id="guest"),
             key_routing_key(PUBLISHER),
         )
     finally:
@@ -380,7 +381,7 @@ def sb(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
 def test_cli_refuses_world_readable_dir_and_bad_settings(tmp_path: Path) -> None:
     key_file = tmp_path / "bus.key"
     write_new_key_file(key_file)
-    env = {"SESSIONBUS_BUS_KEY_FILE": str(key_file), "SESSIONBUS_AMQP_URL": AMQP_URL}
+    env = role_env({"SESSIONBUS_BUS_KEY_FILE": str(key_file), "SESSIONBUS_AMQP_URL": AMQP_URL})
     out = tmp_path / "open"
     out.mkdir()
     os.chmod(out, 0o755)
@@ -414,7 +415,7 @@ async def test_cli_writes_at_start_with_metrics_and_stops_cleanly(
 ) -> None:
     key_file = tmp_path / "bus.key"
     write_new_key_file(key_file)
-    keys = load_bus_keys(key_file)
+    keys = keys_for(key_file)
     topo = Topology(prefix=f"sbtest-kf-{os.urandom(5).hex()}")
     procs = Processes()
     try:

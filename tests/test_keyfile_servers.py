@@ -39,7 +39,7 @@ from sessionbus.bus.connection import BrokerSettings, connect
 from sessionbus.bus.topology import Topology
 from sessionbus.consumer.subscription import StreamSource, Subscription
 from sessionbus.schemas.codec import decode_key_ring
-from sessionbus.schemas.sealing import BusKeys, load_bus_keys
+from sessionbus.schemas.sealing import BusKeys
 from sessionbus.schemas.ticket_keys import KeyRing, TicketKey
 from tests.farm_support import (
     AMQP_URL,
@@ -53,6 +53,7 @@ from tests.farm_support import (
     make_cert,
     provisioned_prefix,
 )
+from tests.helpers_keys import keys_for
 
 pytestmark = [pytest.mark.peers, pytest.mark.broker, pytest.mark.tls, pytest.mark.slow]
 
@@ -461,7 +462,7 @@ def test_tickets_resume_across_servers_through_rotations(farm: Farm, kind: str) 
     for p in keyfiles.values():
         p.wait_for("key file(s) ready", 20)
 
-    bus_keys = load_bus_keys(farm.key_file)
+    bus_keys = keys_for(farm.key_file)
     tally = Tally()
     previous_ok: list[str] = []  # "<version> <key> on <server>": a previous-key ticket resumed
     expired_full: list[str] = []

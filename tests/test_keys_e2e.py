@@ -27,7 +27,7 @@ from sessionbus.bus.topology import Topology
 from sessionbus.consumer.subscription import StreamSource, Subscription
 from sessionbus.schemas.codec import decode_key_ring, encode_key_ring
 from sessionbus.schemas.errors import EnvelopeError
-from sessionbus.schemas.sealing import load_bus_keys, write_new_key_file
+from sessionbus.schemas.sealing import write_new_key_file
 from sessionbus.schemas.ticket_keys import KeyRing
 from tests.farm_support import (
     AMQP_URL,
@@ -40,6 +40,7 @@ from tests.farm_support import (
     make_cert,
     provisioned_prefix,
 )
+from tests.helpers_keys import keys_for
 
 pytestmark = [pytest.mark.broker, pytest.mark.tls]
 
@@ -155,7 +156,7 @@ class Client:
 
 def read_rings(prefix: str, key_file: Path, timeout: float = 10.0) -> list[KeyRing]:
     """Every ring on the key stream, decoded with the bus key (the test holds it)."""
-    keys = load_bus_keys(key_file)
+    keys = keys_for(key_file)
 
     async def go() -> list[KeyRing]:
         rings: list[KeyRing] = []
@@ -329,7 +330,7 @@ def test_failover_and_no_publisher_and_no_key_material_anywhere(farm: KeysFarm) 
     assert n_keys >= 4, "expected several rotations' keys on the key stream"
     # exception text on a damaged ring, under the right bus key
     bad_errors = []
-    keys = load_bus_keys(farm.key_file)
+    keys = keys_for(farm.key_file)
     for ring in rings[:1]:
         body, headers = encode_key_ring(ring, "keys-a", keys)
         for damaged in (body[:-1] + bytes([body[-1] ^ 1]), body[:40]):

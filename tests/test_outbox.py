@@ -10,9 +10,9 @@ from sessionbus.metrics import Metrics
 from sessionbus.producer.outbox import Outbox, OutboxSettings
 from sessionbus.schemas.codec import DEFAULT_LIMITS, decode_batch, encode_rows
 from sessionbus.schemas.events import EventType, RemoveReason
-from sessionbus.schemas.sealing import BusKeys, new_key
+from tests.helpers_keys import farm_keys
 
-KEYS = BusKeys([new_key()])
+KEYS = farm_keys()
 METRICS = Metrics()  # this module's own registry: what its components count
 
 

@@ -13,7 +13,7 @@ from sessionbus.bus.topology import Topology, declare_core
 from sessionbus.metrics import Metrics
 from sessionbus.producer.outbox import Outbox
 from sessionbus.schemas.events import EventType
-from sessionbus.schemas.sealing import BusKeys, new_key
+from tests.helpers_keys import farm_keys
 
 METRICS = Metrics()
 
@@ -31,7 +31,7 @@ async def test_returned_event_stays_in_the_outbox_and_goes_again(
     await declare_core(ch, topology)
     sessions = await ch.get_exchange(topology.sessions_exchange, ensure=False)
     stream = await ch.get_queue(topology.session_stream, ensure=True)
-    box = Outbox("ret-a", topology, BusKeys([new_key()]), metrics=METRICS)
+    box = Outbox("ret-a", topology, farm_keys(), metrics=METRICS)
     task = asyncio.get_running_loop().create_task(box.run(connection))
     try:
         box.put_new(b"\x01" * 32, b"ctx", 1e10, b"der")

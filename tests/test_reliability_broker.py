@@ -45,9 +45,9 @@ from sessionbus.metrics import Metrics
 from sessionbus.producer.outbox import Outbox, OutboxSettings
 from sessionbus.schemas.codec import DecodedBatch, decode_batch
 from sessionbus.schemas.events import RemoveReason
-from sessionbus.schemas.sealing import BusKeys, new_key
 from tests.farm_support import unique_prefix
 from tests.helpers_der import make_session_der
+from tests.helpers_keys import farm_keys
 from tests.private_broker import PrivateBroker
 from tests.tcp_proxy import TcpProxy
 
@@ -230,7 +230,7 @@ async def test_three_cuts_and_a_restart_during_10000_events_lose_nothing(
     plan = make_plan()
     assert plan.events == 10_000
     topo = Topology(prefix=unique_prefix(), stream_max_age_s=LIFETIME)
-    keys = BusKeys([new_key()])
+    keys = farm_keys()
     ch = await direct.channel()
     await declare_core(ch, topo)
     await ch.close()
@@ -410,7 +410,7 @@ async def test_a_stream_subscription_resumes_after_each_cut_at_the_next_offset(
     mid-delivery: it handles every offset, each once but for at most the one in flight per cut,
     and never starts over (which aio-pika's own consumer recovery would do)."""
     topo = Topology(prefix=unique_prefix(), stream_max_age_s=LIFETIME)
-    keys = BusKeys([new_key()])
+    keys = farm_keys()
     n, cuts_at = 3000, (600, 1400, 2200)
     clients = Clients(BrokerSettings(url=proxy.url(), backoff_min=0.1, backoff_max=1.0))
     handled: list[int] = []
@@ -472,7 +472,7 @@ async def test_confirmed_events_survive_a_restart_while_the_consumer_is_down(
     private_broker: PrivateBroker, direct: AbstractRobustConnection,
 ) -> None:
     topo = Topology(prefix=unique_prefix(), stream_max_age_s=LIFETIME)
-    keys = BusKeys([new_key()])
+    keys = farm_keys()
     ch = await direct.channel()
     await declare_core(ch, topo)
     await ch.close()

@@ -39,7 +39,6 @@ from sessionbus.consumer.peer_cache import PeerCache
 from sessionbus.consumer.replicator import Replicator, ReplicatorSettings
 from sessionbus.producer.outbox import Outbox
 from sessionbus.schemas.events import RemoveReason
-from sessionbus.schemas.sealing import load_bus_keys
 from tests.farm_support import (
     AMQP_URL,
     REPO,
@@ -48,6 +47,7 @@ from tests.farm_support import (
     bus_env,
 )
 from tests.helpers_der import make_session_der
+from tests.helpers_keys import keys_for
 
 CTX = b"sessionbus-test"
 LIFETIME = 900
@@ -63,7 +63,7 @@ KILL_AT, RESTART_AT = 10, 20  # chunk indexes: killed after a third, back after 
 
 
 async def _replica_main(node_id: str, out: Path) -> None:
-    keys = load_bus_keys(os.environ["SESSIONBUS_BUS_KEY_FILE"])
+    keys = keys_for(os.environ["SESSIONBUS_BUS_KEY_FILE"])
     topo = Topology(prefix=os.environ["SESSIONBUS_PREFIX"])
     conn = await connect(BrokerSettings(url=os.environ["SESSIONBUS_AMQP_URL"]))
     ch = await conn.channel()
@@ -147,7 +147,7 @@ def test_sigkilled_consumers_restart_and_end_with_the_full_state(
     out = tmp_path / "replica.txt"
     rec = Path(env["SB_TEST_RECORD"])
     procs = Processes()
-    keys = load_bus_keys(env["SESSIONBUS_BUS_KEY_FILE"])
+    keys = keys_for(env["SESSIONBUS_BUS_KEY_FILE"])
     topo = Topology(prefix=env["SESSIONBUS_PREFIX"])
     live: set[bytes] = set()
     removed: set[bytes] = set()

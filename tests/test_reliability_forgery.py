@@ -40,7 +40,6 @@ from sessionbus.schemas.events import EventType
 from sessionbus.schemas.sealing import (
     KEY_ID_SIZE,
     BusKeys,
-    load_bus_keys,
     new_key,
     write_new_key_file,
 )
@@ -54,6 +53,7 @@ from tests.farm_support import (
     make_cert,
     provisioned_prefix,
 )
+from tests.helpers_keys import keys_for
 
 pytestmark = [pytest.mark.broker, pytest.mark.tls]
 
@@ -164,7 +164,7 @@ def forgeries(rows: list[list[Any]], origin: str, farm_key_id: bytes,
     attacker = BusKeys([new_key()])
     sealed, headers = encode_rows(EventType.NEW, origin, rows, attacker)
     plain = msgpack.packb([time.time(), rows], use_bin_type=True)
-    borrowed_id = farm_key_id + sealed[KEY_ID_SIZE:]
+    borrowed_id = sealed[:1] + farm_key_id + sealed[1 + KEY_ID_SIZE:]
     return [("sealed under the attacker's key", sealed, headers),
             ("plaintext, no seal", plain, headers),
             ("attacker's seal under the farm key's id", borrowed_id, headers)]
@@ -176,7 +176,8 @@ async def publish(prefix: str, messages: list[tuple[str, bytes, dict[str, Any]]]
         ch = await conn.channel(publisher_confirms=True)
         x = await ch.get_exchange(Topology(prefix=prefix).sessions_exchange)
         for key, body, headers in messages:
-            await x.publish(aio_pika.Message(body, headers=headers, content_type=CONTENT_TYPE),
+            await x.publish(aio_pika.Message(body, headers=headers, content_type=CONTENT_TYPE,
+                                             user_id="guest"),
                             key, mandatory=True, timeout=10)
     finally:
         await conn.close()
@@ -234,7 +235,7 @@ def test_a_session_injected_without_the_bus_key_never_resumes(
     sessions = server.capture.sessions
     assert sessions and all(openssl.session_der_info(der).sid_ctx == SERVICE
                             for der, _ in sessions.values())
-    farm_keys = load_bus_keys(farm.key_file)
+    farm_keys = keys_for(farm.key_file)
     rows = new_rows(sessions)
 
     # --- the forgeries: each under node-a's and node-b's routing key -------------------------

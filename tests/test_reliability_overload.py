@@ -26,8 +26,8 @@ from sessionbus.bus.topology import Topology, delete_all
 from sessionbus.metrics import Metrics
 from sessionbus.producer.node import Node, NodeSettings
 from sessionbus.producer.outbox import OutboxSettings
-from sessionbus.schemas.sealing import BusKeys, new_key
 from tests.farm_support import AMQP_URL, provisioned_prefix
+from tests.helpers_keys import farm_keys
 from tests.tcp_proxy import TcpProxy
 
 pytestmark = [pytest.mark.broker, pytest.mark.tls]
@@ -99,7 +99,7 @@ async def test_with_the_broker_down_handshakes_go_on_and_the_outbox_stays_bounde
         NodeSettings(node_id="node-o", host="127.0.0.1", port=0, cert=str(cert), key=str(key),
                      outbox=OutboxSettings(capacity=CAPACITY), max_replica_entries=2000),
         BrokerSettings(url=proxy.url(), backoff_min=0.1, backoff_max=1.0),
-        BusKeys([new_key()]), topo, metrics=METRICS,
+        farm_keys(), topo, metrics=METRICS,
     )
     assert node.outbox is not None
     box = node.outbox

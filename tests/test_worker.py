@@ -21,9 +21,9 @@ from sessionbus.bus.topology import Topology, declare_core
 from sessionbus.consumer.worker import ImportStringError, load_consumer
 from sessionbus.producer.outbox import Outbox
 from sessionbus.schemas.events import EventType, RemoveReason, SessionEvent
-from sessionbus.schemas.sealing import load_bus_keys
 from tests.farm_support import AMQP_URL, Processes, bus_env
 from tests.helpers_der import make_session_der
+from tests.helpers_keys import keys_for
 
 CTX = b"sessionbus"
 
@@ -36,7 +36,7 @@ def env(tmp_path: Path) -> Iterator[dict[str, str]]:
 
 def publish_lifecycles(env: dict[str, str], sessions: int) -> list[tuple[str, str, int]]:
     """NEW, two GETs and a REMOVE per session, interleaved across sessions. Returns them."""
-    keys = load_bus_keys(env["SESSIONBUS_BUS_KEY_FILE"])
+    keys = keys_for(env["SESSIONBUS_BUS_KEY_FILE"])
     topo = Topology(prefix=env["SESSIONBUS_PREFIX"])
     ids = [os.urandom(32) for _ in range(sessions)]
     sent: list[tuple[str, str, int]] = []

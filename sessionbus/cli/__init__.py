@@ -9,6 +9,7 @@ from typing import NoReturn
 
 from sessionbus.cli.commands import COMMANDS
 from sessionbus.cli.config import ConfigError
+from sessionbus.cli.safety import disable_core_dumps
 
 EXIT_CODES = """\
 exit codes:
@@ -54,6 +55,7 @@ def build_parser() -> Parser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    disable_core_dumps()  # before any key is read: no core file, no ptrace by same-uid peers
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

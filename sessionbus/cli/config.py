@@ -16,6 +16,11 @@ from sessionbus.bus.connection import (
     split_urls,
 )
 from sessionbus.bus.topology import Topology
+from sessionbus.cli.safety import (
+    UnsafeSetting,
+    check_any_origin_users,
+    refuse_plaintext_remote,
+)
 from sessionbus.schemas.events import valid_node_id
 from sessionbus.schemas.sealing import BusKeyError, BusKeys, load_bus_keys
 
@@ -30,13 +35,20 @@ def env(name: str, default: str | None = None) -> str | None:
 
 def add_common(p: argparse.ArgumentParser, *, bus_key: bool = True) -> None:
     g = p.add_argument_group("common options")
+    url = env("SESSIONBUS_AMQP_URL", DEFAULT_URL) or DEFAULT_URL
+    # --help never prints a password (of any URL in a comma list)
+    shown = BrokerSettings(url=url).redacted_url().replace("%", "%%")
     g.add_argument(
         "--amqp-url", action="append", metavar="URL",
-        help="broker URL, amqp:// or amqps://; for a cluster repeat it or give a comma list, "
-        "one URL per node: each process picks one (shuffled) and fails over to the next "
-        f"(env SESSIONBUS_AMQP_URL; default {DEFAULT_URL}). Prefer the env var or a URL "
-        "without password on shared hosts: argv is visible to all",
+        help="broker URL, amqps:// (or amqp:// on loopback); for a cluster repeat it or give a "
+        "comma list, one URL per node: each process picks one (shuffled) and fails over to the "
+        f"next (env SESSIONBUS_AMQP_URL; default {shown}). Prefer the env var or a URL without "
+        "password on shared hosts: argv is visible to all",
     )
+    g.add_argument("--amqp-plaintext", action="store_true",
+                   default=env("SESSIONBUS_AMQP_PLAINTEXT", "") == "1",
+                   help="allow amqp:// (no TLS) to a non-loopback broker: the network is "
+                   "trusted (env SESSIONBUS_AMQP_PLAINTEXT=1)")
     g.add_argument("--amqp-ca", default=env("SESSIONBUS_AMQP_CA"), metavar="PEM",
                    help="amqps: CA file of the broker's certificate (env SESSIONBUS_AMQP_CA)")
     g.add_argument("--amqp-cert", default=env("SESSIONBUS_AMQP_CERT"), metavar="PEM",
@@ -49,7 +61,20 @@ def add_common(p: argparse.ArgumentParser, *, bus_key: bool = True) -> None:
         g.add_argument(
             "--bus-key-file", default=env("SESSIONBUS_BUS_KEY_FILE"), metavar="FILE",
             help="bus key file, mode 0600 (env SESSIONBUS_BUS_KEY_FILE; make one with "
-            "`sessionbus bus-key new FILE`)",
+            "`sessionbus bus-key new FILE`; a keyfile host or key publisher holds the "
+            "ring-only file of `sessionbus bus-key ring-file`)",
+        )
+        g.add_argument(
+            "--ring-public-key-file", default=env("SESSIONBUS_RING_PUBLIC_KEY_FILE"),
+            metavar="FILE", help="public key(s) ticket-key rings must be signed with (env "
+            "SESSIONBUS_RING_PUBLIC_KEY_FILE; `sessionbus bus-key signing-key`)",
+        )
+        g.add_argument(
+            "--any-origin-user", action="append", metavar="USER",
+            default=[u for u in (env("SESSIONBUS_ANY_ORIGIN_USERS", "") or "").split(",") if u],
+            help="dev/test only, loopback brokers only: a broker user whose messages may carry "
+            "any origin (e.g. guest for `sessionbus up`; env SESSIONBUS_ANY_ORIGIN_USERS, "
+            "comma-separated). Otherwise a message is taken only if its user is its origin",
         )
     g.add_argument("--prefix", default=env("SESSIONBUS_PREFIX", "sessionbus"),
                    help="name prefix of exchanges and queues (env SESSIONBUS_PREFIX; "
@@ -66,12 +91,19 @@ class Common:
     topology: Topology
     metrics: str | None
     bus_key_file: str | None
+    ring_public_key_file: str | None = None
+    any_origin_users: frozenset[str] = frozenset()
+    ring_signing_key_file: str | None = None
 
     def keys(self) -> BusKeys:
         if not self.bus_key_file:
             raise ConfigError("no bus key: pass --bus-key-file or set SESSIONBUS_BUS_KEY_FILE")
         try:
-            return load_bus_keys(self.bus_key_file)
+            return load_bus_keys(
+                self.bus_key_file, public_key_file=self.ring_public_key_file,
+                signing_key_file=self.ring_signing_key_file,
+                any_origin_users=self.any_origin_users,
+            )
         except BusKeyError as exc:
             raise ConfigError(str(exc)) from None
 
@@ -91,14 +123,26 @@ def common_from_args(args: argparse.Namespace) -> Common:
             host_port(str(args.metrics))
         except argparse.ArgumentTypeError as exc:
             raise ConfigError(f"--metrics: {exc}") from None
+    urls = broker_urls(args.amqp_url)
+    try:
+        any_origin: frozenset[str] = frozenset()
+        for one in urls.split(","):  # each broker node's URL is held to the same rules
+            refuse_plaintext_remote(one, plaintext_ok=bool(args.amqp_plaintext))
+            any_origin = check_any_origin_users(one,
+                                                getattr(args, "any_origin_user", None) or ())
+    except UnsafeSetting as exc:
+        raise ConfigError(str(exc)) from None
     return Common(
         broker=BrokerSettings(
-            url=broker_urls(args.amqp_url), ca_file=args.amqp_ca, cert_file=args.amqp_cert,
+            url=urls, ca_file=args.amqp_ca, cert_file=args.amqp_cert,
             key_file=args.amqp_key, verify=not args.amqp_insecure,
         ),
         topology=Topology(prefix=args.prefix),
         metrics=args.metrics,
         bus_key_file=getattr(args, "bus_key_file", None),
+        ring_public_key_file=getattr(args, "ring_public_key_file", None),
+        any_origin_users=any_origin,
+        ring_signing_key_file=getattr(args, "ring_signing_key_file", None),
     )
 
 

@@ -16,7 +16,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from sessionbus.schemas.sealing import write_new_key_file
+from sessionbus.schemas.codec import sender_user
+from sessionbus.schemas.sealing import write_new_key_file, write_signing_key_pair
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +63,7 @@ class Farm:
         self.s = settings
         self.env = env
         self.children: list[tuple[str, subprocess.Popen[bytes]]] = []
+        self._signing_key = settings.directory / "ring-signing.key"
 
     def prepare(self) -> tuple[Path, Path]:
         d = self.s.directory
@@ -71,7 +73,16 @@ class Farm:
         if not bus_key.exists():
             write_new_key_file(bus_key)
             print(f"created bus key {bus_key}")
-        self.env = {**self.env, "SESSIONBUS_BUS_KEY_FILE": str(bus_key)}
+        sign, public = d / "ring-signing.key", d / "ring-public.key"
+        if not sign.exists():
+            write_signing_key_pair(sign, public, force=True)
+        # One broker user runs the whole farm here: it is allowed to speak for every origin
+        # (refused by every role unless the broker is on loopback).
+        user = sender_user(self.env.get("SESSIONBUS_AMQP_URL", ""))
+        self.env = {**self.env, "SESSIONBUS_BUS_KEY_FILE": str(bus_key),
+                    "SESSIONBUS_RING_PUBLIC_KEY_FILE": str(public),
+                    "SESSIONBUS_ANY_ORIGIN_USERS": user}
+        self._signing_key = sign
         if self.s.cert and self.s.key:
             return self.s.cert, self.s.key
         return self_signed(d)
@@ -90,7 +101,8 @@ class Farm:
         cert, key = self.prepare()
         s = self.s
         lines = []
-        self._spawn("keys", ["keys", "--rotate-every", str(s.rotate_every),
+        self._spawn("keys", ["keys", "--ring-signing-key-file", str(self._signing_key),
+                             "--rotate-every", str(s.rotate_every),
                              "--metrics", f"{s.host}:{s.metrics_base}"])
         lines.append(f"key publisher  metrics http://{s.host}:{s.metrics_base}/metrics")
         self._spawn("worker", ["worker", "--metrics", f"{s.host}:{s.metrics_base + 1}"])

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Mapping
+from datetime import datetime
 from typing import Any
 
 from aio_pika.abc import AbstractRobustConnection
@@ -40,6 +41,7 @@ class KeyFollower:
         metrics: Metrics | None = None,
         supervisor: Supervisor | None = None,
         export: bool = True,
+        start: str | datetime = "last",
     ) -> None:
         self.ring: KeyRing | None = None
         metrics = metrics or Metrics()
@@ -53,7 +55,7 @@ class KeyFollower:
             return decode_key_ring(body, headers, keys)
 
         self._sub: Subscription[KeyRing] = Subscription(
-            connection, topology, StreamSource(topology.key_stream, "last"), decode,
+            connection, topology, StreamSource(topology.key_stream, start), decode,
             self._handle, prefetch=16, metrics=metrics, supervisor=self._supervisor,
         )
         # Catch-up after any reconnect: forget the offset reached, so the restored channel

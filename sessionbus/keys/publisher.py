@@ -28,6 +28,7 @@ import itertools
 import logging
 import time
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractRobustConnection
@@ -43,7 +44,7 @@ from sessionbus.bus.topology import (
 from sessionbus.keys.follower import KeyFollower
 from sessionbus.keys.ring import Timeline, added_keys, advance, describe, newest
 from sessionbus.metrics import Metrics
-from sessionbus.schemas.codec import CONTENT_TYPE, encode_key_ring
+from sessionbus.schemas.codec import CONTENT_TYPE, encode_key_ring, sender_user
 from sessionbus.schemas.sealing import BusKeys
 from sessionbus.schemas.ticket_keys import KeyRing
 from sessionbus.tasks import Supervisor
@@ -216,7 +217,7 @@ class KeyPublisher:
                 body, headers=headers, content_type=CONTENT_TYPE,
                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
                 message_id=f"{self.s.publisher_id}.ring.{ring.seq}.{next(self._ids)}",
-                timestamp=time.time(),
+                timestamp=time.time(), user_id=sender_user(self._broker.url),
             )
             try:
                 await asyncio.wait_for(
@@ -264,8 +265,13 @@ class KeyPublisher:
         """The newest ring on the key stream, read after taking the lock (nothing else publishes
         from now on), or None if the stream holds none."""
         assert self._connection is not None
+        # From a few refresh periods back, not the last chunk only: rings that every follower
+        # refuses (forged, if someone could write the stream) may fill the last chunk, and the
+        # genuine ring refreshed before them must still be found.
+        since = datetime.fromtimestamp(
+            time.time() - 3 * self.s.timeline.refresh_every - 5, tz=UTC)
         fresh = KeyFollower(self._connection, self._topo, self._keys, export=False,
-                            metrics=self._metrics, supervisor=self.supervisor)
+                            metrics=self._metrics, supervisor=self.supervisor, start=since)
         try:
             await asyncio.wait_for(fresh.start(), self.s.read_timeout + 10)
             if await fresh.wait(self.s.read_timeout) is not None:

@@ -170,6 +170,9 @@ def main(args: argparse.Namespace) -> int:
     common = common_from_args(args)
     settings = settings_from_args(args)
     keys = common.keys()
+    if not keys.verifies_rings:  # every ring would be refused
+        raise ConfigError("no ring public key: pass --ring-public-key-file or set "
+                          "SESSIONBUS_RING_PUBLIC_KEY_FILE")
     files = _files(settings.fmt, settings.slots)
 
     notified = False

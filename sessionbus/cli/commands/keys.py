@@ -11,7 +11,7 @@ import textwrap
 from typing import Any
 
 from sessionbus.cli.commands._common import role_metrics, start_metrics, subparser, until_stopped
-from sessionbus.cli.config import ConfigError, add_common, common_from_args
+from sessionbus.cli.config import ConfigError, add_common, common_from_args, env
 from sessionbus.cli.config import node_id as node_id_type
 from sessionbus.cli.runtime import run
 from sessionbus.keys.publisher import KeyPublisher, PublisherSettings
@@ -88,6 +88,10 @@ def register(sub: Any, exit_codes: str) -> None:
     p.add_argument("--publisher-id", type=node_id_type, default=None, metavar="ID",
                    help="origin of the rings this publisher sends, [a-z0-9-] "
                    "(default keys-<hostname>)")
+    p.add_argument("--ring-signing-key-file", default=env("SESSIONBUS_RING_SIGNING_KEY_FILE"),
+                   metavar="FILE", help="Ed25519 key the rings are signed with, mode 0600; "
+                   "leader and standby share it (env SESSIONBUS_RING_SIGNING_KEY_FILE; make "
+                   "it with `sessionbus bus-key signing-key`)")
     add_common(p)
     p.set_defaults(func=main)
 
@@ -104,6 +108,9 @@ def main(args: argparse.Namespace) -> int:
                           .replace("keep must", "--keep must")) from None
     publisher_id = args.publisher_id or default_publisher_id()
     keys = common.keys()
+    if not keys.can_sign_rings:
+        raise ConfigError("no ring signing key: pass --ring-signing-key-file or set "
+                          "SESSIONBUS_RING_SIGNING_KEY_FILE (`sessionbus bus-key signing-key`)")
 
     async def serve(stop: asyncio.Event) -> int:
         metrics = role_metrics("keys")
