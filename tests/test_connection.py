@@ -340,3 +340,11 @@ def test_node_logs_the_line_once_and_serves_on(tmp_path: Path, case: str, words:
     assert sum(words in line for line in out.splitlines()) == 1, out
     assert "not-the-password" not in out and "Traceback" not in out, out
     assert "aiormq" not in out and "aio_pika" not in out, out  # library noise below warning
+
+
+def test_every_url_of_a_list_is_held_to_the_plaintext_rule(bus_key: str) -> None:
+    out = sb("events", "--bus-key-file", bus_key, env={
+        "SESSIONBUS_AMQP_URL": "amqp://guest:pw1@127.0.0.1:1/,amqp://guest:topsecret@192.0.2.7:5672/"})
+    assert out.returncode == 3 and out.stderr.count("\n") == 1, out.stderr
+    assert "plaintext" in out.stderr and "192.0.2.7" in out.stderr
+    assert "topsecret" not in out.stderr and "pw1" not in out.stderr
