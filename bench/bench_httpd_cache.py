@@ -1,12 +1,15 @@
 """Apache httpd's TLS handshakes/s with ``sessionbus cache`` as its session cache, against httpd
 with its own ``shmcb`` cache and with a real memcached, in the same run; and the get latency.
 
-Setup (loopback only, about two minutes): four httpd servers from Debian's apache2 package (event
-MPM, 2 processes x 25 threads, ``SSLSessionTickets off``, ECDSA P-256 certificate), identical but
-for ``SSLSessionCache``: ``shmcb``, ``memcache:`` a Debian memcached (2 threads), ``memcache:``
-a ``sessionbus cache`` process (replicating to the real broker under a unique prefix, metrics on),
-and, as a yardstick, ``memcache:`` ``bench/floor_cache.py`` (a dict behind an asyncio loop: the
-most any cache front written in Python can reach here).
+Setup (loopback only, about three minutes): five httpd servers from Debian's apache2 package
+(event MPM, 2 processes x 25 threads, ``SSLSessionTickets off``, ECDSA P-256 certificate),
+identical but for ``SSLSessionCache``: ``shmcb``, ``memcache:`` a Debian memcached (2 threads),
+``memcache:`` a ``sessionbus cache`` process (replicating to the real broker under a unique
+prefix, metrics on), ``memcache:`` another one with ``--sync-sets`` (each set validated and
+stored before it is answered, as before sets were deferred), and, as a yardstick, ``memcache:``
+``bench/floor_cache.py`` (a dict behind an asyncio loop: the most any cache front written in
+Python can reach here). The Python caches' CPU per resumption is read from /proc over the
+counted windows (issue 19's targets: <= 1.5x the floor's CPU, >= 0.95x its resumed/s).
 As on a web server, httpd and its store share one core (``taskset``); the load generator runs on
 the other(s) (the broker, as in production, is not pinned). One server is loaded at a time;
 windows rotate through the four, round after round, so a noisy neighbour hits all alike.
@@ -77,8 +80,13 @@ TARGET_VS_MEMCACHED = 0.9
 TARGET_VS_SHMCB = 0.8
 TARGET_P99_MS = 1.0
 KINDS = ("full 1.2", "resumed 1.2", "resumed 1.3")
-# "floor": bench/floor_cache.py, the least a Python memcached server can do (a yardstick)
-BACKENDS = ("shmcb", "memcached", "sessionbus", "floor")
+# "floor": bench/floor_cache.py, the least a Python memcached server can do (a yardstick);
+# "sessionbus-sync": the same cache front with --sync-sets (each set validated and stored
+# before its answer, as before issue 19), to show what deferring sets does, in the same run.
+BACKENDS = ("shmcb", "memcached", "sessionbus", "sessionbus-sync", "floor")
+PYTHON_CACHES = ("sessionbus", "sessionbus-sync", "floor")  # their CPU per resumption is measured
+TARGET_CPU_VS_FLOOR = 1.5
+TARGET_RATE_VS_FLOOR = 0.95
 
 
 def _sizes() -> dict[str, float]:
@@ -206,34 +214,102 @@ class Window:
     reused: int = 0
     full: int = 0
     seconds: float = 0.0
+    cpu: float = 0.0  # CPU seconds of the cache process over the counted window (if asked)
+    cpu_reused: int = 0  # resumptions those CPU seconds served
 
     def add(self, other: Window) -> None:
         self.reused += other.reused
         self.full += other.full
         self.seconds += other.seconds
+        self.cpu += other.cpu
+        self.cpu_reused += other.cpu_reused
+
+    def cpu_per_resumption_us(self) -> float:
+        return self.cpu / self.cpu_reused * 1e6 if self.cpu_reused else float("nan")
 
     def rate(self, kind: str) -> float:
         n = self.full if kind.startswith("full") else self.reused
         return n / self.seconds if self.seconds else 0.0
 
 
-def load_window(port: int, kind: str, seconds: float, ramp: float) -> Window:
+def load_window(port: int, kind: str, seconds: float, ramp: float,
+                cpu_pid: int | None = None) -> Window:
+    """Load one server; with ``cpu_pid``, also that process's CPU over the counted window."""
     clients = [STime(port, kind) for _ in range(CLIENTS)]
     try:
         time.sleep(ramp)
+        c0 = cpu_seconds(cpu_pid) if cpu_pid else 0.0
         a = [c.counts() for c in clients]
         t0 = time.monotonic()
         time.sleep(seconds)
         b = [c.counts() for c in clients]
         t1 = time.monotonic()
+        c1 = cpu_seconds(cpu_pid) if cpu_pid else 0.0
     finally:
         for c in clients:
             c.stop()
-    return Window(
+    w = Window(
         sum(y[0] - x[0] for x, y in zip(a, b, strict=True)),
         sum(y[1] - x[1] for x, y in zip(a, b, strict=True)),
         t1 - t0,
     )
+    if cpu_pid:
+        w.cpu, w.cpu_reused = c1 - c0, w.reused
+    return w
+
+
+# --- httpd's requests without httpd ---------------------------------------------------------
+
+PAIR_RATE = 1000  # get + set pairs per second
+HTTPD_CTX = b"38049255d275b0b38e6e6c6da4c8b3a1"
+
+
+def _pairs(port: int, seconds: float) -> int:
+    """What httpd sends per TLS 1.3 resumption (a ``get`` of the session, a ``set`` of the new
+    one, as mod_socache_memcache spells them), at PAIR_RATE, on one connection; the pairs sent.
+    Without httpd on the core, the cache's CPU per request is read with far less noise."""
+    from tests.helpers_der import make_session_der
+
+    n_pairs = int(PAIR_RATE * seconds)
+    now = int(time.time())
+    sessions = []
+    for _ in range(n_pairs):
+        sid = os.urandom(32)
+        sessions.append((b"mod_ssl-sess:" + sid.hex().encode(),
+                         make_session_der(sid, HTTPD_CTX, now, 300)))
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        prev: bytes | None = None
+        t0 = time.monotonic()
+        for i, (key, der) in enumerate(sessions):
+            if prev is not None:
+                s.sendall(b"get " + prev + b"\r\n")
+                buf = b""
+                while not buf.endswith(b"END\r\n"):
+                    buf += s.recv(65536)
+            s.sendall(b"set %b 0 299 %d \r\n%b\r\n" % (key, len(der), der))
+            buf = b""
+            while not buf.endswith(b"\r\n"):
+                buf += s.recv(65536)
+            prev = key
+            delay = t0 + (i + 1) / PAIR_RATE - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+    return n_pairs
+
+
+def pair_cpu(pids: dict[str, int], ports: dict[str, int], rounds: int,
+             seconds: float) -> dict[str, list[float]]:
+    """µs of each Python cache's CPU per get+set pair, round after round, rotating."""
+    out: dict[str, list[float]] = {b: [] for b in PYTHON_CACHES}
+    for r in range(rounds):
+        order = PYTHON_CACHES[r % 3:] + PYTHON_CACHES[: r % 3]
+        for b in order:
+            c0 = cpu_seconds(pids[b])
+            n = _pairs(ports[b], seconds)
+            time.sleep(0.2)  # what the requests left to do (events published after them)
+            out[b].append((cpu_seconds(pids[b]) - c0) / n * 1e6)
+    return out
 
 
 # --- the sessionbus cache ---------------------------------------------------------------------
@@ -283,6 +359,8 @@ class Setup:
     children: list[Child] = field(default_factory=list)
     servers: list[Httpd] = field(default_factory=list)
     memcached: Memcached | None = None
+    pids: dict[str, int] = field(default_factory=dict)  # the Python caches' processes
+    ports: dict[str, int] = field(default_factory=dict)  # and their memcache ports
 
 
 @contextlib.contextmanager
@@ -306,6 +384,15 @@ def setup() -> Iterator[tuple[Setup, dict[str, Httpd], CacheProc, Memcached]]:
             child.wait_for("listening", 30)
             child.wait_for("is warm", 30)
             cache = CacheProc(child, port, mport)
+            sync_port = free_port()
+            sync = Child(
+                [*_pin(SERVER_CPUS), sys.executable, "-m", "sessionbus", "cache", "--node-id",
+                 "bench-cache-sync", "--memcache", f"127.0.0.1:{sync_port}", "--metrics",
+                 f"127.0.0.1:{free_port()}", "--session-timeout", "600", "--log-level", "info",
+                 "--sync-sets"], env)
+            s.children.append(sync)
+            sync.wait_for("listening", 30)
+            sync.wait_for("is warm", 30)
             floor_port = free_port()
             floor = Child([*_pin(SERVER_CPUS), sys.executable, "-m", "bench.floor_cache",
                            str(floor_port)])
@@ -316,6 +403,7 @@ def setup() -> Iterator[tuple[Setup, dict[str, Httpd], CacheProc, Memcached]]:
                 "shmcb": f"shmcb:{d}/shmcb(512000)",
                 "memcached": f"memcache:127.0.0.1:{mc.port}",
                 "sessionbus": f"memcache:127.0.0.1:{port}",
+                "sessionbus-sync": f"memcache:127.0.0.1:{sync_port}",
                 "floor": f"memcache:127.0.0.1:{floor_port}",
             }
             servers: dict[str, Httpd] = {}
@@ -327,6 +415,8 @@ def setup() -> Iterator[tuple[Setup, dict[str, Httpd], CacheProc, Memcached]]:
             for h in servers.values():
                 if not wait_listening(h.port):
                     raise RuntimeError("httpd is not listening")
+            s.pids = {"sessionbus": child.pid, "sessionbus-sync": sync.pid, "floor": floor.pid}
+            s.ports = {"sessionbus": port, "sessionbus-sync": sync_port, "floor": floor_port}
             yield s, servers, cache, mc
         finally:
             for h in s.servers:
@@ -336,7 +426,8 @@ def setup() -> Iterator[tuple[Setup, dict[str, Httpd], CacheProc, Memcached]]:
                     c.stop()
             if s.memcached is not None:
                 s.memcached.stop()
-            delete_topology(prefix, [f"{prefix}.replica.bench-cache"])
+            delete_topology(prefix, [f"{prefix}.replica.bench-cache",
+                                     f"{prefix}.replica.bench-cache-sync"])
 
 
 # --- measurement -----------------------------------------------------------------------------
@@ -356,7 +447,7 @@ def measure() -> dict[str, Any]:
         first, _, last = CLIENT_CPUS.partition("-")
         os.sched_setaffinity(0, set(range(int(first), int(last or first) + 1)))
     try:
-        with setup() as (_s, servers, cache, mc):
+        with setup() as (s, servers, cache, mc):
             started = time.monotonic()
             probe_port = {"memcached": mc.port, "sessionbus": cache.port}
             for kind in KINDS:  # warm every path once
@@ -371,7 +462,12 @@ def measure() -> dict[str, Any]:
                     order = BACKENDS[k:] + BACKENDS[:k]
                     for b in order:
                         port = servers[b].port
-                        if kind == "resumed 1.2" and b in probes:
+                        # The probe's gets would count as the front's CPU: on odd rounds only,
+                        # and CPU per resumption is measured on the others.
+                        probed = kind == "resumed 1.2" and b in probes and r % 2 == 1
+                        cpu_pid = (s.pids.get(b) if kind.startswith("resumed") and not probed
+                                   else None)
+                        if probed:
                             c0 = cpu_seconds(cache.child.pid)
                             before = cache.histogram()
                             span = sizes["window"] + sizes["ramp"]
@@ -386,12 +482,13 @@ def measure() -> dict[str, Any]:
                                 for k, v in after.items():
                                     hist[k] = hist.get(k, 0.0) + v - before.get(k, 0.0)
                         else:
-                            w = load_window(port, kind, sizes["window"], sizes["ramp"])
+                            w = load_window(port, kind, sizes["window"], sizes["ramp"], cpu_pid)
                         totals[(kind, b)].add(w)
                         per_round[(kind, b)].append(w.rate(kind))
+            pairs = pair_cpu(s.pids, s.ports, int(sizes["rounds"]) - 1, sizes["window"])
     finally:
         os.sched_setaffinity(0, mine)
-    return {"totals": totals, "per_round": per_round, "probes": probes,
+    return {"totals": totals, "per_round": per_round, "probes": probes, "pairs": pairs,
             "probe_errors": probe_errors, "hist": hist,
             "cache_cpu_us": cache_cpu / cache_gets * 1e6 if cache_gets else float("nan")}
 
@@ -429,6 +526,46 @@ def run() -> list[dict[str, Any]]:
                 base_rate, f"ratio ≥{target}" if resumed else "(info)",
                 ratio >= target if resumed else None, note=note,
             ))
+    for kind in KINDS[1:]:
+        fl = t[(kind, "floor")]
+        fl_cpu, fl_rate = fl.cpu_per_resumption_us(), fl.rate(kind)
+        for b in ("sessionbus", "sessionbus-sync"):
+            w = t[(kind, b)]
+            cpu, rate = w.cpu_per_resumption_us(), w.rate(kind)
+            deferred = b == "sessionbus"
+            label = "sessionbus cache" if deferred else "sessionbus cache --sync-sets"
+            rounds = sorted(x / y for x, y in zip(m["per_round"][(kind, b)],
+                                                  m["per_round"][(kind, "floor")], strict=True)
+                            if y)
+            rows.append(row(
+                f"cache CPU per resumption, {kind}, {label} (base: Python floor)", cpu, "us",
+                fl_cpu, f"≤{TARGET_CPU_VS_FLOOR}x" if deferred else "(info: sets before answer)",
+                (cpu <= TARGET_CPU_VS_FLOOR * fl_cpu) if deferred else None,
+                note=f"/proc CPU of the cache process (all threads: publishing too) over the "
+                f"counted windows: {w.cpu:.2f} s for {w.cpu_reused:,} resumptions; floor "
+                f"{fl.cpu:.2f} s for {fl.cpu_reused:,}",
+            ))
+            rows.append(row(
+                f"httpd {kind} handshakes/s, {label} (base: Python floor)", rate, "hs/s",
+                fl_rate, f"ratio ≥{TARGET_RATE_VS_FLOOR}" if deferred else "(info)",
+                (rate >= TARGET_RATE_VS_FLOOR * fl_rate) if deferred else None,
+                note=f"ratio per round {min(rounds, default=0):.2f}..{max(rounds, default=0):.2f}",
+            ))
+    pairs = m["pairs"]
+    fl_pair = sum(pairs["floor"]) / len(pairs["floor"]) if pairs["floor"] else float("nan")
+    for b in ("sessionbus", "sessionbus-sync"):
+        v = pairs[b]
+        mean = sum(v) / len(v) if v else float("nan")
+        rows.append(row(
+            f"cache CPU per httpd get+set pair at {PAIR_RATE:,}/s, no httpd, "
+            f"{'sessionbus cache' if b == 'sessionbus' else 'sessionbus cache --sync-sets'} "
+            "(base: Python floor)", mean, "us", fl_pair, "(info)", None,
+            note=f"per round {' '.join(f'{x:.0f}' for x in v)}; floor "
+            f"{' '.join(f'{x:.0f}' for x in pairs['floor'])}; the requests httpd makes per TLS "
+            "1.3 resumption, from one client on the load's CPU: the cache's own cost with far "
+            "less noise than the windows above" if b == "sessionbus" else
+            f"per round {' '.join(f'{x:.0f}' for x in v)}",
+        ))
     for kind in KINDS[1:]:
         fl, mc = t[(kind, "floor")], t[(kind, "memcached")]
         rows.append(row(

@@ -366,6 +366,14 @@ class CacheMetrics:
         self.connections = Gauge(
             "sessionbus_cache_connections", "Open cache front connections", registry=r
         )
+        self.refused = Counter(
+            "sessionbus_cache_refused_total",
+            "Cache front connections and requests its access control refused, by reason",
+            ["reason"],  # remote, uid (connections); service (a set/get/delete of another context)
+            registry=r,
+        )
+        for reason in ("remote", "uid", "service"):
+            self.refused.labels(reason)
 
 
 class ConsumerMetrics:

@@ -10,6 +10,9 @@ revoke`` makes one resume nowhere; and a cache whose broker is unreachable still
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import os
+import pwd
 import re
 import socket
 import subprocess
@@ -37,7 +40,7 @@ from tests.farm_support import (
     revoke,
     s_client,
 )
-from tests.httpd_support import Httpd, apache2_binary, has_redis_module
+from tests.httpd_support import FARM_SERVER_NAME, Httpd, apache2_binary, has_redis_module
 
 pytestmark = [pytest.mark.peers, pytest.mark.broker, pytest.mark.tls]
 T = TypeVar("T")
@@ -47,6 +50,21 @@ if apache2_binary() is None:
                 "apt-get install apache2", allow_module_level=True)
 if not has_redis_module():
     pytest.skip("this apache2 has no mod_socache_redis", allow_module_level=True)
+
+
+def _access() -> list[str]:
+    """The cache's access control as ops/httpd/cache.env sets it: httpd's service context only
+    (the MD5 hex of its ServerName:port, as docs/operations.md says), and, where httpd's children
+    run as www-data (as root), only that user."""
+    args = ["--service", hashlib.md5(FARM_SERVER_NAME.encode()).hexdigest()]
+    if os.geteuid() == 0:
+        with contextlib.suppress(KeyError):
+            pwd.getpwnam("www-data")
+            args += ["--allow-uid", "www-data"]
+    return args
+
+
+ACCESS = _access()
 
 
 @dataclass
@@ -68,7 +86,7 @@ class Farm:
         port = free_port()
         self.caches.append(node_id)
         p = self.procs.start(["cache", "--node-id", node_id, f"--{protocol}",
-                              f"127.0.0.1:{port}", "--session-timeout", "600"],
+                              f"127.0.0.1:{port}", "--session-timeout", "600", *ACCESS],
                              self.env(amqp_url))
         p.wait_for("listening")
         p.wait_for("is warm")

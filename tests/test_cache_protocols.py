@@ -25,6 +25,7 @@ from sessionbus.consumer.peer_cache import PeerCache
 from sessionbus.schemas.events import RemoveReason
 from sessionbus.schemas.sealing import BusKeys, new_key
 from sessionbus.schemas.session_der import parse_session
+from sessionbus.servers.cache.access import AccessPolicy
 from sessionbus.servers.cache.connection import FrontLimits
 from sessionbus.servers.cache.front import CacheFront, CacheSettings
 from sessionbus.servers.cache.store import OPAQUE_SID_CTX, Store
@@ -86,17 +87,20 @@ class Front:
         return self.front.store
 
 
-async def make_front(limits: FrontLimits = FrontLimits()) -> Front:  # noqa: B008
+async def make_front(limits: FrontLimits = FrontLimits(),  # noqa: B008
+                     access: AccessPolicy = AccessPolicy(), defer: bool = True) -> Front:  # noqa: B008
     settings = CacheSettings(
         node_id="cache-test", memcache=("127.0.0.1", 0), redis=("127.0.0.1", 0),
-        session_timeout=600, replication=False, limits=limits,
+        session_timeout=600, replication=False, limits=limits, access=access,
+        defer_sets=defer,
     )
     f = CacheFront(settings, BrokerSettings(), BusKeys([new_key()]), Topology(prefix="unused"))
     clock = Clock()
     events = Recorder()
     f.cache = PeerCache(clock=clock)
     f.store = Store("cache-test", f.cache, events, session_lifetime=600,  # type: ignore[arg-type]
-                    max_value=limits.max_value, clock=clock)
+                    max_value=limits.max_value, clock=clock, services=access.services,
+                    defer=defer, metrics=f.metrics.cache)
     await f.start()
     return Front(f, events, clock)
 
@@ -114,8 +118,9 @@ async def front() -> AsyncIterator[Front]:
 async def front_with() -> AsyncIterator[Callable[..., Any]]:
     made: list[Front] = []
 
-    async def make(**limits: Any) -> Front:
-        f = await make_front(FrontLimits(**limits))
+    async def make(access: AccessPolicy = AccessPolicy(), defer: bool = True,  # noqa: B008
+                   **limits: Any) -> Front:
+        f = await make_front(FrontLimits(**limits), access, defer)
         made.append(f)
         return f
 
@@ -196,6 +201,13 @@ def mc_set(key: bytes, value: bytes, exptime: int = 299, flags: int = 0,
     return b"set %b %d %d %d%b\r\n%b\r\n" % (key, flags, exptime, len(value), trailer, value)
 
 
+def requests(f: Front, command: str, result: str, protocol: str = "memcache") -> float:
+    return f.front.metrics.value(
+        "sessionbus_cache_requests_total",
+        {"protocol": protocol, "command": command, "result": result},
+    )
+
+
 def resp(*args: bytes) -> bytes:
     return b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%b\r\n" % (len(a), a) for a in args)
 
@@ -232,8 +244,12 @@ async def test_httpd_set_get_delete(front: Front, clients: Any) -> None:
     assert front.events.remove[-1][3] is RemoveReason.DELETE
     assert await c.ask(b"get " + key + b"\r\n", b"END\r\n") == b"END\r\n"
     assert front.events.get[-1][0] == sid and front.events.get[-1][3] is False
-    # a deleted session never comes back, whoever stores it again
-    assert await c.ask(mc_set(key, der)) == b"NOT_STORED\r\n"
+    # a deleted session never comes back, whoever stores it again. The set is answered at
+    # once (deferred, issue 19), so it is STORED on the wire, counted not_stored, never served.
+    not_stored = requests(front, "set", "not_stored")
+    assert await c.ask(mc_set(key, der)) == b"STORED\r\n"
+    assert await c.ask(b"get " + key + b"\r\n", b"END\r\n") == b"END\r\n"
+    assert requests(front, "set", "not_stored") == not_stored + 1
     await c.send(b"quit\r\n")
     assert await c.closed()
 
@@ -310,15 +326,40 @@ async def test_revoked_session_is_not_served(front: Front, clients: Any) -> None
 
 
 async def test_session_values_must_be_that_session(front: Front, clients: Any) -> None:
+    """A bad value is answered STORED (the set is deferred, issue 19; it was CLIENT_ERROR
+    before), then counted as invalid and dead-lettered, and never stored or published."""
     c = await clients(front.mc_port)
     der = tls_session()
     wrong = tls_session()  # another session's DER under this key
+    invalid = requests(front, "set", "invalid")
     for value in (b"not a DER", wrong):
+        assert await c.ask(mc_set(mc_key(der), value)) == b"STORED\r\n"
+    assert await c.ask(mc_set(mc_key(der), der, flags=1)) == b"STORED\r\n"
+    assert await c.ask(b"get " + mc_key(der) + b"\r\n", b"END\r\n") == b"END\r\n"
+    assert requests(front, "set", "invalid") == invalid + 3
+    dead = list(front.store.dead_sets)[-3:]
+    assert [d.key for d in dead] == [mc_key(der)] * 3
+    assert [d.size for d in dead] == [9, len(wrong), len(der)]
+    assert not front.events.new
+    assert await c.ask(mc_set(mc_key(der), der)) == b"STORED\r\n"  # still usable
+    assert (await c.ask(b"get " + mc_key(der) + b"\r\n", b"END\r\n")).startswith(b"VALUE")
+    assert len(front.events.new) == 1
+
+
+async def test_sync_sets_answer_a_bad_value_with_an_error(front_with: Any,
+                                                          clients: Any) -> None:
+    """--sync-sets: the old contract, validated before the answer."""
+    f = await front_with(defer=False)
+    c = await clients(f.mc_port)
+    der = tls_session()
+    for value in (b"not a DER", tls_session()):
         got = await c.ask(mc_set(mc_key(der), value))
         assert got.startswith(b"CLIENT_ERROR not a TLS session")
     assert await c.ask(mc_set(mc_key(der), der, flags=1)) != b"STORED\r\n"
-    assert await c.ask(mc_set(mc_key(der), der)) == b"STORED\r\n"  # still usable
-    assert len(front.events.new) == 1
+    assert await c.ask(mc_set(mc_key(der), der)) == b"STORED\r\n"
+    assert await c.ask(b"delete " + mc_key(der) + b" 0\r\n") == b"DELETED\r\n"
+    assert await c.ask(mc_set(mc_key(der), der)) == b"NOT_STORED\r\n"
+    assert len(f.events.new) == 1
 
 
 async def test_opaque_keys_are_written_once(front: Front, clients: Any) -> None:

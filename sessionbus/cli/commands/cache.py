@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import pwd
 from dataclasses import replace
 from typing import Any
 
@@ -12,6 +13,12 @@ from sessionbus.cli.commands._common import role_metrics, start_metrics, subpars
 from sessionbus.cli.config import ConfigError, add_common, common_from_args, host_port
 from sessionbus.cli.config import node_id as node_id_type
 from sessionbus.cli.runtime import run
+from sessionbus.servers.cache.access import (
+    OPAQUE_SERVICE,
+    AccessPolicy,
+    listens_on_loopback,
+    service_context,
+)
 from sessionbus.servers.cache.connection import FrontLimits
 from sessionbus.servers.cache.front import (
     CACHE_OUTBOX,
@@ -62,6 +69,25 @@ def register(sub: Any, exit_codes: str) -> None:
                    "spell they go at once; longer costs less CPU per session, shorter "
                    "replicates sooner (default %(default)s; lookups, statistics only, wait up "
                    "to 0.25 s)")
+    p.add_argument("--service", action="append", metavar="CONTEXT", default=[],
+                   help="store and serve only sessions of this session id context (repeatable): "
+                   "httpd's is the MD5 hex of its ServerName:port (printf "
+                   "'www.example.com:443' | md5sum), a sessionbus node's its service name; "
+                   f"{OPAQUE_SERVICE} for the opaque (non-TLS-session) keys. A set, get or "
+                   "delete of another context is refused and counted "
+                   "(sessionbus_cache_refused_total). Default: every context")
+    p.add_argument("--allow-uid", action="append", metavar="USER", default=[],
+                   help="serve only loopback clients whose socket belongs to this user (name "
+                   "or uid; repeatable), e.g. httpd's www-data: the owner is read from "
+                   "/proc/net/tcp as identd does. Default: any local user")
+    p.add_argument("--allow-remote", action="store_true",
+                   help="listen on and serve non-loopback addresses too (the protocols have "
+                   "no authentication: only behind a firewall that admits this host's web "
+                   "servers alone)")
+    p.add_argument("--sync-sets", action="store_true",
+                   help="validate and store a TLS session's set before answering it (a bad "
+                   "value gets an error reply) instead of answering STORED at once and "
+                   "counting and dropping a bad value after")
     p.add_argument("--no-replication", action="store_true",
                    help="a local store only: no broker, no peers (for comparison)")
     add_common(p)
@@ -80,12 +106,23 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError("--idle-timeout must be positive")
     if not 0 <= args.linger <= 1:
         raise ConfigError("--linger must be 0..1 seconds")
+    for name, addr in (("--memcache", args.memcache), ("--redis", args.redis)):
+        if addr is not None and not args.allow_remote and not listens_on_loopback(addr[0]):
+            raise ConfigError(
+                f"{name} {addr[0]}:{addr[1]} is not a loopback address: the memcached and Redis "
+                "protocols have no authentication (give --allow-remote if that is meant)")
     settings = CacheSettings(
         node_id=args.node_id, memcache=args.memcache, redis=args.redis,
         session_timeout=args.session_timeout, replication=not args.no_replication,
         limits=FrontLimits(max_connections=args.max_connections,
                            idle_timeout=args.idle_timeout),
         outbox=replace(CACHE_OUTBOX, min_interval=args.linger),
+        access=AccessPolicy(
+            allow_remote=args.allow_remote,
+            uids=frozenset(_uid(u) for u in args.allow_uid) if args.allow_uid else None,
+            services=_services(args.service),
+        ),
+        defer_sets=not args.sync_sets,
     )
     keys = common.keys()
 
@@ -107,3 +144,21 @@ def main(args: argparse.Namespace) -> int:
         return code
 
     return run(serve)
+
+
+def _uid(user: str) -> int:
+    if user.isdigit():
+        return int(user)
+    try:
+        return pwd.getpwnam(user).pw_uid
+    except KeyError:
+        raise ConfigError(f"--allow-uid {user}: no such user") from None
+
+
+def _services(names: list[str]) -> frozenset[bytes] | None:
+    if not names:
+        return None
+    try:
+        return frozenset(service_context(n) for n in names)
+    except ValueError as exc:
+        raise ConfigError(f"--service: {exc}") from None

@@ -16,7 +16,13 @@ being read until they drain.
 Bounds: at most ``max_connections`` open (one more is told so and closed), a partial line or value
 never exceeds the protocol's own bound (checked by the subclass), a connection that sends nothing
 for ``idle_timeout`` seconds is closed, and a client that stops reading its answers stops being
-read, so no client can make the front hold more than a bounded amount for it.
+read, so no client can make the front hold more than a bounded amount for it. That output budget
+is checked after every command (``spent``), not once per read: a read of small requests can ask
+for megabytes of answers (pipelined multi-gets), so parsing pauses (``spill``) once the answers
+not yet taken exceed ``max_unwritten``, and resumes where it stopped when they are written.
+
+Access (``access.AccessPolicy``) is checked once, when a connection is accepted: a peer that is
+not on loopback, or whose socket's uid is not allowed, gets one line and is closed.
 """
 
 from __future__ import annotations
@@ -33,11 +39,14 @@ from dataclasses import dataclass
 
 from sessionbus.metrics import CacheMetrics, Metrics
 from sessionbus.schemas.codec import DEFAULT_LIMITS
+from sessionbus.servers.cache.access import AccessPolicy
 from sessionbus.servers.cache.store import Store
 
 log = logging.getLogger(__name__)
 
 _READ_SIZE = 65536
+_SEND_BUFFER = 128 << 10  # the kernel doubles it
+_MAX_ANSWERS = 64  # answers gathered before they are written, whatever their size
 # accept() errors that mean "out of a resource for now", not "this listener is broken".
 _ACCEPT_PAUSE_ERRNOS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
 _ACCEPT_PAUSE = 1.0  # seconds
@@ -72,11 +81,23 @@ class FrontLimits:
 class Connections:
     """The open connections of every listener of one front (for the limit and the idle sweep)."""
 
-    def __init__(self, limits: FrontLimits, metrics: CacheMetrics | None = None) -> None:
+    def __init__(self, limits: FrontLimits, metrics: CacheMetrics | None = None,
+                 access: AccessPolicy = AccessPolicy()) -> None:  # noqa: B008
         self.limits = limits
         self.metrics = metrics or Metrics().cache
+        self.access = access
         self.open: set[CacheConnection] = set()
         self.refused = 0
+        self._logged_at = -60.0
+
+    def log_refusal(self, protocol: str, reason: str) -> None:
+        """One line per 10 s at most: a client retrying must not flood the log."""
+        now = time.monotonic()
+        if now - self._logged_at >= 10.0:
+            self._logged_at = now
+            log.warning("%s: refused a client (%s; sessionbus_cache_refused_total counts "
+                        "them all)", protocol,
+                        "not on loopback" if reason == "remote" else "its uid is not allowed")
 
     def sweep_idle(self, now: float | None = None) -> int:
         now = time.monotonic() if now is None else now
@@ -174,6 +195,7 @@ class Listener:
 class CacheConnection:
     protocol_name = "?"
     too_many = b""  # the line a connection over the limit gets before it is closed
+    denied = b""  # the line a connection its access control refuses gets before it is closed
 
     def __init__(self, sock: socket.socket, store: Store, conns: Connections) -> None:
         self.store = store
@@ -183,6 +205,12 @@ class CacheConnection:
         self.closing = False
         self._buf = bytearray()
         self.out: list[bytes] = []  # answers of the data being handled, written at once
+        # Value bytes in ``out`` (the parsers add them): with the count of answers, what the
+        # output budget is checked against after every command (``spent``).
+        self.out_size = 0
+        # Parsing stopped after a command because its answers exceed the budget; it goes on
+        # (``resume``) once they are written. Reading stops meanwhile.
+        self.paused = False
         self._stats = conns.metrics
         self.observe = functools.partial(self._stats.requests.observe, self.protocol_name)
         self._sock = sock
@@ -195,17 +223,34 @@ class CacheConnection:
         if len(conns.open) >= self.limits.max_connections:
             conns.refused += 1
             self.count("connect", "refused")
-            with contextlib.suppress(OSError):  # best effort: it is closed either way
-                sock.send(self.too_many)
-            self._open = False
-            self.closing = True
-            sock.close()
+            self._refuse(self.too_many)
+            return
+        try:
+            refusal = conns.access.refusal(sock)
+        except OSError:  # the peer is already gone
+            refusal = "remote"
+        if refusal is not None:
+            conns.metrics.refused.labels(refusal).inc()
+            self.count("connect", "denied")
+            conns.log_refusal(self.protocol_name, refusal)
+            self._refuse(self.denied)
             return
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # A fixed send buffer instead of one autotuned up to 4 MiB: a client that asks and
+        # does not read then costs the front (and the kernel) at most this plus its budget of
+        # answers, not 4 MiB of answers made for nothing (x 1,024 connections).
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SEND_BUFFER)
         conns.open.add(self)
         self._stats.connections.inc()
         self._start_reading()
+
+    def _refuse(self, line: bytes) -> None:
+        with contextlib.suppress(OSError):  # best effort: it is closed either way
+            self._sock.send(line)
+        self._open = False
+        self.closing = True
+        self._sock.close()
 
     # --- the selector's callbacks --------------------------------------------------------------
 
@@ -227,6 +272,7 @@ class CacheConnection:
             log.exception("%s connection failed", self.protocol_name)
             self.closing = True
         self.flush()
+        self.store.after_answers()
 
     def _on_writable(self) -> None:
         pending = self._unwritten
@@ -243,13 +289,51 @@ class CacheConnection:
         self._loop.remove_writer(self._fd)
         if self.closing:
             self.abort()
+        elif self.paused:
+            self._resume()
         elif not self._reading:
+            self._start_reading()
+
+    def _resume(self) -> None:
+        self.paused = False
+        try:
+            self.resume()
+        except Exception:
+            log.exception("%s connection failed", self.protocol_name)
+            self.closing = True
+        self.flush()
+        self.store.after_answers()
+        if self._open and not (self.paused or self.closing or self._reading or self._unwritten):
             self._start_reading()
 
     # --- for subclasses ----------------------------------------------------------------------
 
     def received(self, data: bytes) -> None:
         raise NotImplementedError
+
+    def resume(self) -> None:
+        """Go on where ``spill`` paused: the rest of a command, then the data kept unparsed."""
+        raise NotImplementedError
+
+    def spent(self) -> bool:
+        """After each command: True (and paused) if the answers so far exceed the output
+        budget and cannot all be written now. Checked per command, so that a read of small
+        requests whose answers are large (pipelined multi-gets) costs at most the budget plus
+        one command's answer, not a whole read's worth of answers."""
+        if self.out_size <= self.limits.max_unwritten and len(self.out) < _MAX_ANSWERS:
+            return False
+        return self.spill()
+
+    def spill(self) -> bool:
+        """Write the answers gathered so far; if what the client has not taken exceeds the
+        budget, pause (stop parsing and reading) until it has: True."""
+        self._write_out()
+        self.out_size = 0
+        if self._open and len(self._unwritten) > self.limits.max_unwritten:
+            self.paused = True
+            self._stop_reading()
+            return True
+        return False
 
     def count(self, command: str, result: str) -> None:
         self._stats.requests.count(self.protocol_name, command, result)
@@ -267,23 +351,8 @@ class CacheConnection:
         if not self._open:
             self.out.clear()
             return
-        out = self.out
-        if out:
-            data = out[0] if len(out) == 1 else b"".join(out)
-            out.clear()
-            if self._unwritten:
-                self._unwritten += data
-            else:
-                try:
-                    n = self._sock.send(data)
-                except (BlockingIOError, InterruptedError):
-                    n = 0
-                except OSError:
-                    self.abort()
-                    return
-                if n < len(data):
-                    self._unwritten += memoryview(data)[n:]
-                    self._loop.add_writer(self._fd, self._on_writable)
+        if self.out:
+            self._write_out()
             unwritten = self._unwritten
             if unwritten and len(unwritten) > self.limits.max_unwritten and self._reading:
                 self._stop_reading()
@@ -293,6 +362,28 @@ class CacheConnection:
                 self._stop_reading()  # what is queued still goes out, then the socket closes
             else:
                 self.abort()
+
+    def _write_out(self) -> None:
+        out = self.out
+        if not out or not self._open:
+            out.clear()
+            return
+        data = out[0] if len(out) == 1 else b"".join(out)
+        out.clear()
+        self.out_size = 0
+        if self._unwritten:
+            self._unwritten += data
+            return
+        try:
+            n = self._sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            n = 0
+        except OSError:
+            self.abort()
+            return
+        if n < len(data):
+            self._unwritten += memoryview(data)[n:]
+            self._loop.add_writer(self._fd, self._on_writable)
 
     def close(self) -> None:
         """Close after the answers already queued are written (a stuck client: see abort)."""

@@ -26,6 +26,7 @@ from sessionbus.consumer.local_sessions import LocalSessions
 from sessionbus.metrics import Metrics
 from sessionbus.producer.outbox import OutboxSettings
 from sessionbus.schemas.sealing import BusKeys
+from sessionbus.servers.cache.access import AccessPolicy, listens_on_loopback
 from sessionbus.servers.cache.connection import (
     CacheConnection,
     Connections,
@@ -64,6 +65,9 @@ class CacheSettings:
     outbox: OutboxSettings = CACHE_OUTBOX
     max_replica_entries: int = 1_000_000
     max_replica_bytes: int = 512 * 2**20
+    access: AccessPolicy = AccessPolicy()  # noqa: RUF009 - frozen
+    # Answer a TLS session's set at once and validate, store and publish it after (issue 19).
+    defer_sets: bool = True
 
 
 class CacheFront:
@@ -79,6 +83,13 @@ class CacheFront:
     ) -> None:
         if settings.memcache is None and settings.redis is None:
             raise ValueError("a cache front needs a memcache or a redis listener")
+        for addr in (settings.memcache, settings.redis):
+            if addr is not None and not settings.access.allow_remote and not (
+                listens_on_loopback(addr[0])
+            ):
+                raise ValueError(
+                    f"{addr[0]} is not a loopback address: the memcached and Redis protocols "
+                    "have no authentication (allow_remote says it is meant)")
         self.settings = settings
         self._broker = broker
         self._keys = keys
@@ -98,8 +109,9 @@ class CacheFront:
             settings.node_id, self.cache, self.outbox,
             session_lifetime=float(settings.session_timeout),
             max_value=settings.limits.max_value,
+            services=settings.access.services, defer=settings.defer_sets, metrics=metrics.cache,
         )
-        self.connections = Connections(settings.limits, metrics.cache)
+        self.connections = Connections(settings.limits, metrics.cache, settings.access)
         self._servers: dict[str, Listener] = {}
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -152,6 +164,7 @@ class CacheFront:
         for server in self._servers.values():
             server.close()
         self.connections.close_all()
+        self.store.drain()  # sets answered STORED are stored and published before the end
         await self.bus.flush_and_stop_replica(drain_timeout)
         for t in self._tasks:
             t.cancel()

@@ -4,12 +4,15 @@ What Apache httpd's mod_socache_memcache sends (seen here, see DESIGN.md): ``set
 <bytes> \\r\\n`` (a trailing space before the CRLF), ``get <key>``, ``delete <key> 0`` (the legacy
 time argument, always ``0``), ``version`` and ``quit``.  Served here:
 
-* ``set <key> <flags> <exptime> <bytes> [noreply]`` then the value and CRLF: ``STORED``,
-  ``NOT_STORED`` (a revoked or deleted id; an opaque key held with another value),
-  ``CLIENT_ERROR`` (a ``mod_ssl-sess:`` key whose value is not that session), or, for a value over
-  the limit, ``SERVER_ERROR object too large for cache`` with the value read and discarded, as
-  memcached does (the connection stays usable).
-* ``get <key> [<key> ...]``: ``VALUE <key> <flags> <bytes>`` + value for each hit, then ``END``.
+* ``set <key> <flags> <exptime> <bytes> [noreply]`` then the value and CRLF. A ``mod_ssl-sess:``
+  session's set is answered ``STORED`` at once and validated after (see ``store``: a bad value is
+  counted and dead-lettered; ``--sync-sets`` answers ``CLIENT_ERROR``/``NOT_STORED`` instead). An
+  opaque key's: ``STORED``, ``NOT_STORED`` (deleted, or held with another value), or a
+  ``CLIENT_ERROR`` for a service context not served. A value over the limit:
+  ``SERVER_ERROR object too large for cache`` with the value read and discarded, as memcached
+  does (the connection stays usable).
+* ``get <key> [<key> ...]``: ``VALUE <key> <flags> <bytes>`` + value for each hit, then ``END``
+  (a multi-get pauses whenever its answers exceed the output budget, until the client reads).
 * ``delete <key> [0] [noreply]``: ``DELETED`` or ``NOT_FOUND``.
 * ``version``: ``VERSION ...``; ``quit``: close.
 * other storage commands (``add``, ``replace``, ``append``, ``prepend``, ``cas``): their value is
@@ -50,6 +53,7 @@ _STORE_REPLY = {
     SetResult.NOT_STORED: b"NOT_STORED\r\n",
     SetResult.INVALID: b"CLIENT_ERROR not a TLS session DER with the key's session id\r\n",
     SetResult.TOO_LARGE: b"SERVER_ERROR object too large for cache\r\n",
+    SetResult.REFUSED: b"CLIENT_ERROR this cache does not serve that service context\r\n",
 }
 
 
@@ -85,10 +89,12 @@ def expiry(exptime: int, now: float) -> float | None:
 class MemcacheConnection(CacheConnection):
     protocol_name = _PROTOCOL
     too_many = b"SERVER_ERROR too many open connections\r\n"
+    denied = b"SERVER_ERROR access denied\r\n"
 
     def __init__(self, sock: socket.socket, store: Store, conns: Connections) -> None:
         self._pending: _PendingSet | None = None
         self._swallow = 0  # bytes of a refused value (and its CRLF) still to discard
+        self._get_rest: tuple[list[bytes], int] | None = None  # a multi-get paused mid-way
         self._record = conns.metrics.requests.record
         super().__init__(sock, store, conns)  # last: it may start serving
 
@@ -112,7 +118,7 @@ class MemcacheConnection(CacheConnection):
         end = len(data)
         pos = 0
         max_line = self.limits.max_line
-        while not self.closing:
+        while not (self.closing or self.paused):
             pending = self._pending
             if pending is not None:
                 stop = pos + pending.size + 2
@@ -124,6 +130,7 @@ class MemcacheConnection(CacheConnection):
                 self._pending = None
                 self._set(pending, data[pos : stop - 2])
                 pos = stop
+                self.spent()
                 continue
             nl = data.find(b"\n", pos, pos + max_line + 2)
             if nl < 0:
@@ -133,6 +140,7 @@ class MemcacheConnection(CacheConnection):
             line = data[pos : nl - 1 if nl > pos and data[nl - 1] == 13 else nl]
             pos = nl + 1
             self._command(line)
+            self.spent()
             if self._swallow:
                 n = min(self._swallow, end - pos)
                 self._swallow -= n
@@ -143,6 +151,15 @@ class MemcacheConnection(CacheConnection):
             return
         if pos < end:
             buf += memoryview(data)[pos:]
+
+    def resume(self) -> None:
+        rest = self._get_rest
+        if rest is not None:
+            self._get_rest = None
+            self._get_keys(*rest)
+            if self.paused:
+                return
+        self.received(b"")
 
     # --- commands ------------------------------------------------------------------------------
 
@@ -196,17 +213,29 @@ class MemcacheConnection(CacheConnection):
                 self.out.append(
                     b"VALUE %b %d %d\r\n%b\r\nEND\r\n" % (key, flags, len(value), value)
                 )
+                self.out_size += len(value)
                 self._record(_GET_HIT, _perf_counter() - t0)
             return
         if not 0 < n <= self.limits.max_keys:
             self.fail(BAD_FORMAT, "get")
             return
-        out = self.out
-        get = self.store.get
-        for key in parts[1:]:
+        keys = parts[1:]
+        for key in keys:
             if len(key) > MAX_KEY:
                 self.fail(BAD_FORMAT, "get")
                 return
+        self._get_keys(keys, 0)
+        self.observe(_perf_counter() - t0)
+
+    def _get_keys(self, keys: list[bytes], i: int) -> None:
+        """Answer keys[i:] of a multi-get, pausing (see ``spill``) whenever the answers exceed
+        the output budget: one get of 256 large values is megabytes."""
+        out = self.out
+        get = self.store.get
+        budget = self.limits.max_unwritten
+        while i < len(keys):
+            key = keys[i]
+            i += 1
             found = get(key)
             if found is None:
                 self.count("get", "miss")
@@ -214,8 +243,11 @@ class MemcacheConnection(CacheConnection):
             flags, value = found
             out.append(b"VALUE %b %d %d\r\n%b\r\n" % (key, flags, len(value), value))
             self.count("get", "hit")
+            self.out_size += len(value)
+            if self.out_size > budget and self.spill():
+                self._get_rest = (keys, i)
+                return
         out.append(b"END\r\n")
-        self.observe(_perf_counter() - t0)
 
     def _parse_set(self, parts: list[bytes]) -> None:
         n = len(parts)
@@ -241,7 +273,14 @@ class MemcacheConnection(CacheConnection):
 
     def _set(self, p: _PendingSet, value: bytes) -> None:
         t0 = _perf_counter()
-        result = self.store.set(p.key, p.flags, value, expiry(p.exptime, time.time()))
+        store = self.store
+        if store.defer and store.defers(p.key):
+            store.set_later(p.key, p.flags, value, expiry(p.exptime, time.time()), _PROTOCOL)
+            if not p.noreply:
+                self.out.append(b"STORED\r\n")
+            self.observe(_perf_counter() - t0)  # counted by its outcome when handled
+            return
+        result = store.set(p.key, p.flags, value, expiry(p.exptime, time.time()))
         if not p.noreply:
             self.out.append(_STORE_REPLY[result])
         self._record(_SET_RESULT[result], _perf_counter() - t0)

@@ -3,9 +3,10 @@
 What Apache httpd's mod_socache_redis sends (seen here): ``SETEX key secs value``, ``GET key`` and
 ``DEL key`` on database 0, with no AUTH.  Served here (command names in any case, as Redis does):
 
-* ``SETEX key seconds value``, ``SET key value [EX seconds | PX milliseconds]``: ``+OK``, or
-  ``-ERR`` when not stored (see ``cache_store``), for a bad expiry or option, a key over 250 bytes
-  or a value over the limit (an over-long value is read and discarded: the connection stays usable).
+* ``SETEX key seconds value``, ``SET key value [EX seconds | PX milliseconds]``: ``+OK`` (for a
+  ``mod_ssl-sess:`` session at once, validated after: see ``store``), or ``-ERR`` when an opaque
+  value is not stored, for a bad expiry or option, a key over 250 bytes or a value over the limit
+  (an over-long value is read and discarded: the connection stays usable).
 * ``GET key``: the value or the null bulk string; ``DEL key [key ...]``: the number removed.
 * ``PING [message]``, ``SELECT 0`` (any other database: ``-ERR DB index is out of range``),
   ``QUIT`` (``+OK``, then close).
@@ -39,6 +40,7 @@ _STORE_REPLY = {
     b"another value\r\n",
     SetResult.INVALID: b"-ERR not a TLS session DER with the key's session id\r\n",
     SetResult.TOO_LARGE: b"-ERR value too large\r\n",
+    SetResult.REFUSED: b"-ERR this cache does not serve that service context\r\n",
 }
 
 
@@ -61,6 +63,7 @@ def _wrong_args(name: bytes) -> bytes:
 class RedisConnection(CacheConnection):
     protocol_name = "redis"
     too_many = b"-ERR max number of clients reached\r\n"
+    denied = b"-NOPERM this client may not use this cache\r\n"
 
     def __init__(self, sock: socket.socket, store: Store, conns: Connections) -> None:
         self._argc = 0  # arguments of the current request still to read (0: between requests)
@@ -83,7 +86,7 @@ class RedisConnection(CacheConnection):
         buf += data
         end = len(buf)
         pos = 0
-        while not self.closing:
+        while not (self.closing or self.paused):
             if self._skip:
                 n = min(self._skip, end - pos)
                 self._skip -= n
@@ -158,6 +161,9 @@ class RedisConnection(CacheConnection):
             return
         del buf[:pos]
 
+    def resume(self) -> None:
+        self.received(b"")
+
     def _line(self, buf: bytearray, pos: int, end: int) -> tuple[bytes | None, int]:
         """The line at ``pos`` (without CR LF) and where the next begins; None if incomplete."""
         max_line = self.limits.max_line
@@ -172,6 +178,10 @@ class RedisConnection(CacheConnection):
     # --- commands ------------------------------------------------------------------------------
 
     def _run(self) -> None:
+        self._run_command()
+        self.spent()
+
+    def _run_command(self) -> None:
         args = self._args
         oversize = self._oversize
         self._args, self._oversize, self._size = [], False, 0
@@ -201,6 +211,7 @@ class RedisConnection(CacheConnection):
         else:
             self.count("get", "hit")
             self.out.append(_bulk(found[1]))
+            self.out_size += len(found[1])
 
     def _set(self, args: list[bytes]) -> None:
         if len(args) < 3:
@@ -243,7 +254,12 @@ class RedisConnection(CacheConnection):
         if len(key) > MAX_KEY or not key:
             self._error(command, _KEY_TOO_LONG)
             return
-        result = self.store.set(key, 0, value, expires)
+        store = self.store
+        if store.defer and store.defers(key):
+            store.set_later(key, 0, value, expires, self.protocol_name, command)
+            self.out.append(OK)  # counted by its outcome when handled
+            return
+        result = store.set(key, 0, value, expires)
         self.count(command, result.value)
         self.out.append(_STORE_REPLY[result])
 
@@ -264,6 +280,7 @@ class RedisConnection(CacheConnection):
             return
         self.count("ping", "ok")
         self.out.append(b"+PONG\r\n" if len(args) == 1 else _bulk(args[1]))
+        self.out_size += len(args[-1])
 
     def _select(self, args: list[bytes]) -> None:
         if len(args) != 2:

@@ -22,21 +22,37 @@ of a key held with another value is refused: peers keep the first value they saw
 reaches every replica and leaves a tombstone, and a deleted key cannot be set again until the
 deleted value would have expired. What TLS-session caches (httpd, h2o, ...) do fits this; a
 general-purpose cache that overwrites keys does not.
+
+A TLS session's set is *deferred* (``set_later``): the protocol answers STORED at once, and the DER
+check, the store and the NEW event follow once the answers of that read are written, in a batch
+(or before the next get or delete, so a client reads its own writes). A bad value then cannot be
+answered with an error: it is counted by its outcome and dead-lettered into ``dead_sets`` (key,
+size, reason: never the value, which may hold a master secret) with a log line.
+
+``services`` (``--service``) is the allow-list of session id contexts stored and served: a set of
+another context is refused, a get of one is a miss and a delete of one sends no REMOVE; each is
+counted in ``sessionbus_cache_refused_total{reason="service"}``.
 """
 
 from __future__ import annotations
 
 import binascii
+import collections
+import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from enum import StrEnum
 
 from sessionbus.consumer.peer_cache import PeerCache
+from sessionbus.metrics import CacheMetrics, Metrics
 from sessionbus.producer.outbox import Outbox
 from sessionbus.schemas.events import MAX_SESSION_ID, RemoveReason
 from sessionbus.schemas.session_der import DerError, parse_session
 
-__all__ = ["MOD_SSL_PREFIX", "OPAQUE_SID_CTX", "SetResult", "Store", "session_key"]
+__all__ = ["MOD_SSL_PREFIX", "OPAQUE_SID_CTX", "DeadSet", "SetResult", "Store", "session_key"]
+
+log = logging.getLogger(__name__)
 
 MOD_SSL_PREFIX = b"mod_ssl-sess:"
 # Session id context of opaque entries: no TLS server uses it (httpd's is 32 hex digits,
@@ -46,6 +62,10 @@ MAX_KEY = min(250, MAX_SESSION_ID)  # memcached's own key limit
 _FLAGS_SIZE = 4
 _PREFIX_LEN = len(MOD_SSL_PREFIX)
 _MAX_TLS_ID = 32  # SSL_MAX_SSL_SESSION_ID_LENGTH
+# Deferred sets held at most before they are handled in the request's own call (a pipelining
+# client): they are handled after the answers of one read anyway; this bounds what they hold.
+MAX_DEFERRED = 64
+DEAD_SETS_KEPT = 64
 
 
 class SetResult(StrEnum):
@@ -55,6 +75,18 @@ class SetResult(StrEnum):
     NOT_STORED = "not_stored"  # revoked/deleted id, or an opaque key held with another value
     INVALID = "invalid"  # a mod_ssl-sess key whose value is not that session's DER
     TOO_LARGE = "too_large"
+    REFUSED = "refused"  # a service context this front does not serve (--service)
+
+
+@dataclass(frozen=True, slots=True)
+class DeadSet:
+    """A deferred set that was answered STORED and then failed validation: what is kept of it
+    (never the value: it may hold a master secret)."""
+
+    key: bytes
+    size: int
+    reason: SetResult
+    at: float
 
 
 def session_key(key: bytes) -> tuple[bytes, bool]:
@@ -81,6 +113,9 @@ class Store:
         session_lifetime: float,
         max_value: int,
         clock: Callable[[], float] = time.time,
+        services: frozenset[bytes] | None = None,
+        defer: bool = True,
+        metrics: CacheMetrics | None = None,
     ) -> None:
         self.node_id = node_id
         self.cache = cache
@@ -89,6 +124,73 @@ class Store:
         # The largest record a NEW may carry (sessionbus.schemas.codec.Limits.max_event_bytes).
         self.max_value = max_value
         self._clock = clock
+        # The session id contexts stored and served (None: every one); OPAQUE_SID_CTX stands
+        # for the opaque keys.
+        self.services = services
+        self.metrics = metrics or Metrics().cache
+        # Answer a TLS session's set at once, handle it after (issue 19); False: validate first
+        # and answer with the outcome (a bad value gets an error).
+        self.defer = defer
+        # Deferred sets: (key, flags, value, expires, protocol, command), handled in order.
+        self._deferred: list[tuple[bytes, int, bytes, float | None, str, str]] = []
+        self.dead_sets: collections.deque[DeadSet] = collections.deque(maxlen=DEAD_SETS_KEPT)
+        self._dead_logged_at = -60.0
+
+    # --- deferred sets (issue 19) ------------------------------------------------------------
+
+    def defers(self, key: bytes) -> bool:
+        """True for a key whose set may be answered before it is handled: a TLS session's,
+        whose value needs the DER check. Opaque sets are cheap and keep their exact answer
+        (NOT_STORED for a key held with another value)."""
+        return not session_key(key)[1]
+
+    def set_later(self, key: bytes, flags: int, value: bytes, expires: float | None,
+                  protocol: str, command: str = "set") -> None:
+        """Take a set answered STORED already; it is validated, stored and published once the
+        answers of this read are written (``after_answers``), or before the next get or delete
+        (whichever comes first). Its outcome is
+        counted under ``protocol``/``command``; a bad value is dead-lettered (``dead_sets``, a
+        log line), since no answer can carry it any more."""
+        deferred = self._deferred
+        if len(deferred) >= MAX_DEFERRED:
+            self.drain()
+        deferred.append((key, flags, value, expires, protocol, command))
+
+    def after_answers(self) -> None:
+        """Handle the deferred sets now that the answers that took them are written. The
+        connection calls it at the end of the callback that read them, not through call_soon:
+        that would turn the loop once more per set (an epoll_wait and a handle)."""
+        if self._deferred:
+            self.drain()
+
+    def drain(self) -> None:
+        """Handle the deferred sets, in the order they came."""
+        batch, self._deferred = self._deferred, []
+        count = self.metrics.requests.count
+        for key, flags, value, expires, protocol, command in batch:
+            try:
+                result = self.set(key, flags, value, expires)
+            except Exception:  # a bug must cost this set, not the rest of the batch
+                log.exception("a deferred set failed")
+                count(protocol, command, "error")
+                continue
+            count(protocol, command, result.value)
+            if result is SetResult.INVALID or result is SetResult.REFUSED:
+                self._dead_letter(key, len(value), result)
+
+    def _dead_letter(self, key: bytes, size: int, reason: SetResult) -> None:
+        now = self._clock()
+        self.dead_sets.append(DeadSet(key, size, reason, now))
+        if now - self._dead_logged_at >= 10.0:  # a client repeating it must not flood the log
+            self._dead_logged_at = now
+            log.warning(
+                "a set was answered STORED and then dropped: %s (key %r, %d bytes; "
+                "sessionbus_cache_requests_total{command=\"set\",result=\"%s\"} counts them)",
+                "not a TLS session DER with the key's session id" if reason is SetResult.INVALID
+                else "its service context is not served here", key[:80], size, reason.value)
+
+    def _refused(self) -> None:
+        self.metrics.refused.labels("service").inc()
 
     def set(self, key: bytes, flags: int, value: bytes, expires: float | None) -> SetResult:
         """Store ``value`` under ``key`` until ``expires`` (unix seconds; None: the lifetime).
@@ -105,6 +207,9 @@ class Store:
             if len(record) > self.max_value:
                 return SetResult.TOO_LARGE
             ctx = OPAQUE_SID_CTX
+            if self.services is not None and ctx not in self.services:
+                self._refused()
+                return SetResult.REFUSED
             held = self.cache.get(sid)
             if held is not None and held.der != record and exp > now:
                 return SetResult.NOT_STORED
@@ -119,6 +224,9 @@ class Store:
                 return SetResult.INVALID
             if fields.session_id != sid or len(fields.sid_ctx) > 32:
                 return SetResult.INVALID
+            if self.services is not None and fields.sid_ctx not in self.services:
+                self._refused()
+                return SetResult.REFUSED
             own = fields.expires
             if own is not None:
                 exp = min(exp, own)
@@ -136,10 +244,18 @@ class Store:
 
     def get(self, key: bytes) -> tuple[int, bytes] | None:
         """(flags, value), or None. Never an expired, revoked or deleted session."""
+        if self._deferred:  # a client reads what it (or another) has just set
+            self.drain()
         sid, opaque = session_key(key)
         found = self.cache.get(sid)
         outbox = self.outbox
         if found is None or (found.sid_ctx == OPAQUE_SID_CTX) is not opaque:
+            if outbox is not None:
+                outbox.put_get(sid, b"", 0.0, False, None)
+            return None
+        services = self.services
+        if services is not None and found.sid_ctx not in services:
+            self._refused()  # answered as a miss: nothing said about another service
             if outbox is not None:
                 outbox.put_get(sid, b"", 0.0, False, None)
             return None
@@ -157,12 +273,22 @@ class Store:
         deletes sessions it must not resume). An opaque key not held here is left alone, so a
         stray delete does not block that key for a whole lifetime.
         """
+        if self._deferred:
+            self.drain()
         sid, opaque = session_key(key)
         now = self._clock()
         found = self.cache.get(sid)
         if found is not None and (found.sid_ctx == OPAQUE_SID_CTX) is not opaque:
             found = None
         if found is None and opaque:
+            return False
+        services = self.services
+        if services is not None and (
+            found.sid_ctx not in services if found is not None else True
+        ):
+            # Another service's session, or an id not held here, whose context cannot be
+            # known: a farm-wide REMOVE is not this front's to send.
+            self._refused()
             return False
         if found is not None:
             exp, ctx = found.expires, found.sid_ctx
