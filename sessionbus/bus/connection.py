@@ -1,6 +1,6 @@
 """Connecting to RabbitMQ: one robust connection per process over one or several broker URLs.
 
-A cluster is given as several URLs (``amqp://a/,amqp://b/``).  A process connects to one of them
+A cluster is given as several URLs (``amqps://a/,amqps://b/``).  A process connects to one of them
 (the list is shuffled per process, so a farm spreads over the cluster), and when it loses it, or
 cannot reach it, tries the next at once; only after every URL failed in a row does it back off,
 with jitter, to at most ``backoff_max`` (1 s by default, so a broker node that returns is used
@@ -76,7 +76,7 @@ def split_urls(value: str | Sequence[str]) -> tuple[str, ...]:
             raise BrokerUrlError(f"{where} is empty (a stray comma?)")
         if not item.startswith(SCHEMES):
             hint = (" (give every broker node its own full URL: "
-                    "amqp://user:***@host1:5672/,amqp://user:***@host2:5672/)"
+                    "amqps://user:***@host1:5671/,amqps://user:***@host2:5671/)"
                     if len(items) > 1 else "")
             raise BrokerUrlError(
                 f"{where} ({redact(item)}) must start with amqp:// or amqps://{hint}"
