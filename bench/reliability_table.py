@@ -4,11 +4,12 @@
     python bench/reliability_table.py --update-doc  # ... and put it in docs/reliability.md
     python bench/reliability_table.py -k forgery    # only some scenarios (pytest -k)
 
-It runs ``tests/test_reliability_*.py`` and ``tests/test_fuzz_*.py`` (slow ones included) under
+It runs ``tests/test_reliability_*.py``, ``tests/test_fuzz_*.py`` and ``tests/test_cluster.py``
+(the three-node cluster: about 3 more minutes) (slow ones included) under
 pytest, with ``SESSIONBUS_RELIABILITY_OUT`` naming a file: each scenario, once its assertions have
 passed, appends one JSON line per row with ``record()`` below.  A scenario that fails writes no row,
 and the command exits non-zero.  Bounded: the run is stopped after ``--timeout`` seconds (default
-600; it takes about 2 minutes here).  Loopback only: the shared broker on 127.0.0.1:5672 (unique
+1200; it takes about 5 minutes here).  Loopback only: the shared broker on 127.0.0.1:5672 (unique
 name prefixes, deleted afterwards) and a private RabbitMQ node the broker-restart tests start and
 stop themselves.
 """
@@ -92,7 +93,7 @@ def run(pytest_args: list[str], timeout: float) -> tuple[list[dict[str, Any]], i
     with tempfile.TemporaryDirectory(prefix="sb-reliability-") as d:
         out = Path(d) / "rows.jsonl"
         files = sorted(str(p.relative_to(REPO)) for p in (REPO / "tests").glob("test_*.py")
-                       if p.name.startswith(("test_reliability_", "test_fuzz_")))
+                       if p.name.startswith(("test_reliability_", "test_fuzz_", "test_cluster")))
         cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "",
                *files, *pytest_args]
         try:
@@ -125,7 +126,7 @@ def update_doc(table: str, header: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--update-doc", action="store_true", help=f"write the table into {DOC}")
-    p.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS")
+    p.add_argument("--timeout", type=float, default=1200.0, metavar="SECONDS")
     p.add_argument("-k", dest="keyword", help="only scenarios matching (pytest -k)")
     args = p.parse_args(argv)
     t0 = time.monotonic()

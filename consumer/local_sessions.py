@@ -68,6 +68,9 @@ class LocalSessions:
         self.connection: AbstractRobustConnection | None = None
         self.replicator: Replicator | None = None
         self._ready = asyncio.Event()
+        self._declared = False
+        self._restored = False  # channels and consumers restored since the last (re)connect
+        self.extra_checks: list[tuple[str, Callable[[], bool]]] = []  # e.g. a key ring held
 
     async def connect(self, extra: BusStart | None = None) -> None:
         """Open the connection (returns at once) and start the bus side in the background;
@@ -76,14 +79,21 @@ class LocalSessions:
             replace(self._broker, name=f"sessionbus {self.name} {self.node_id}"),
             wait=False, on_state=self.metrics.bus.broker_state,
         )
+        # aio-pika sets `connected` before it restores channels; reconnect callbacks run after.
+        self.metrics.replica.bus_ready.set_function(self._bus_ready)
+        self.metrics.replica.subscribed.set_function(self._replica_subscribed)
+        self.connection.close_callbacks.add(lambda *_: self._restored_is(False))
+        self.connection.reconnect_callbacks.add(lambda *_: self._restored_is(True))
         self.supervisor.spawn(self._start_bus(extra), "bus-start")
 
     async def _start_bus(self, extra: BusStart | None) -> None:
         conn = self.connection
         assert conn is not None
         await conn.connected.wait()
+        self._restored_is(True)
         # Provisioned by the admin step: a role only checks it is there (and waits until it is).
         await retry(lambda: check_with(conn, self._topo, check_sessions), "finding the bus")
+        self._declared = True
         if self.outbox is not None:
             self.supervisor.spawn(self.outbox.run(conn), "outbox")
         if extra is not None:
@@ -98,6 +108,33 @@ class LocalSessions:
             await retry(replicator.start, "starting the replica")
             self.replicator = replicator
         self._ready.set()
+
+    def _restored_is(self, restored: bool) -> None:
+        self._restored = restored
+
+    def checks(self) -> list[tuple[str, bool]]:
+        """What readiness means here, each check named: connected, declared, subscribed."""
+        conn = self.connection
+        connected = conn is not None and conn.connected.is_set() and self._restored
+        out = [("broker connected", connected), ("bus declared", self._declared)]
+        if self.replication:
+            out.append(("replica subscribed", connected and self.replicator is not None))
+        if self.outbox is not None:
+            out.append(("outbox publishing", not self.outbox.blocked))
+        out += [(name, check()) for name, check in self.extra_checks]
+        return out
+
+    def readiness(self) -> tuple[bool, str]:
+        """(ready, one line per check) for /ready."""
+        checks = self.checks()
+        return all(ok for _, ok in checks), "\n".join(
+            f"{'ok' if ok else 'NOT'} {name}" for name, ok in checks)
+
+    def _bus_ready(self) -> float:
+        return 1.0 if self._ready.is_set() and all(ok for _, ok in self.checks()) else 0.0
+
+    def _replica_subscribed(self) -> float:
+        return 1.0 if dict(self.checks()).get("replica subscribed") else 0.0
 
     async def wait_ready(self, timeout: float) -> bool:
         with contextlib.suppress(TimeoutError):

@@ -94,8 +94,19 @@ class Node:
         self.cache, self.outbox = self.farm.replica, self.farm.outbox
         self.hooks, self.ticket_keys = self.farm.hooks, self.farm.ticket_keys
         self.context = self.farm.attach(make_context(settings))
+        if settings.tickets is TicketMode.STATELESS:
+            self.bus.extra_checks.append(("ticket key ring held", self._ring_held))
         self._server: asyncio.Server | None = None
         self._conns: set[asyncio.Task[None]] = set()
+
+    def _ring_held(self) -> bool:
+        return self.key_follower is not None and self.key_follower.ring is not None
+
+    def readiness(self) -> tuple[bool, str]:
+        """/ready: the bus checks, or ready at once for a lone node that uses no bus."""
+        if not (self.settings.replication or self.settings.tickets is TicketMode.STATELESS):
+            return True, "ok no bus (lone node)"
+        return self.bus.readiness()
 
     @property
     def key_follower(self) -> KeyFollower | None:

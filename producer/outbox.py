@@ -23,6 +23,7 @@ from typing import cast
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
+from aiormq.exceptions import DeliveryError, PublishError
 
 from sessionbus.bus.connection import BROKER_ERRORS
 from sessionbus.bus.topology import Topology, session_routing_key
@@ -93,10 +94,11 @@ class Outbox:
         self._idle = asyncio.Event()
         self._idle.set()
         self._channel: AbstractChannel | None = None
+        self.blocked = False  # events wait and the last publish attempt failed
         self._m = (metrics or Metrics()).outbox
         self._published = {t: self._m.published.labels(t.value) for t in _PRIORITY}
         self._dropped = {t: self._m.dropped.labels(t.value) for t in _PRIORITY}
-        self._m.track(lambda: self._depth, settings.capacity)
+        self._m.track(lambda: self._depth, settings.capacity, lambda: self.blocked)
 
     @property
     def depth(self) -> int:
@@ -316,18 +318,21 @@ class Outbox:
             except BROKER_ERRORS as exc:
                 reason = (
                     "timeout" if isinstance(exc, TimeoutError)
-                    else "nack" if type(exc).__name__ in ("DeliveryError", "PublishError")
+                    else "returned" if isinstance(exc, PublishError)
+                    else "nack" if isinstance(exc, DeliveryError)
                     else "connection"
                 )
-                if type(exc).__name__ == "PublishError":  # returned: routed to no queue
+                if reason == "returned":
                     self._m.returned.labels(type_.value).inc()
                 self._m.publish_failures.labels(reason).inc()
                 log.warning("publish of %d %s events failed (%s); will resend", len(rows),
                             type_.value, type(exc).__name__)
                 self._give_back(type_, rows)
+                self._set_blocked(True)
                 failed.set()
             else:
                 self._published[type_].inc(len(rows))
+                self._set_blocked(False)
             finally:
                 self._in_flight -= 1
                 slots.release()
@@ -342,6 +347,7 @@ class Outbox:
                 self._wake.clear()
                 if self._in_flight == 0:
                     self._idle.set()
+                    self._set_blocked(False)
                 await self._wake.wait()
                 continue
             if failed.is_set() or exchange is None:
@@ -351,6 +357,7 @@ class Outbox:
                     exchange = await self._open(connection)
                 except BROKER_ERRORS as exc:
                     log.warning("cannot open publishing channel: %s", type(exc).__name__)
+                    self._set_blocked(True)
                     await asyncio.sleep(0.5)
                     continue
                 failed.clear()
@@ -375,6 +382,9 @@ class Outbox:
             task.add_done_callback(done)
             if failed.is_set():
                 await asyncio.sleep(0.2)  # the connection is going: let it go before retrying
+
+    def _set_blocked(self, blocked: bool) -> None:
+        self.blocked = blocked
 
     async def _open(self, connection: AbstractRobustConnection) -> AbstractExchange:
         if self._channel is not None:  # one publishing channel at a time

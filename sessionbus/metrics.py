@@ -14,11 +14,15 @@ from __future__ import annotations
 
 import math
 import platform
+import socket
+import socketserver
 import ssl
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from importlib.metadata import PackageNotFoundError, version
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import (
     CollectorRegistry,
@@ -26,6 +30,7 @@ from prometheus_client import (
     Gauge,
     Histogram,
     Info,
+    make_wsgi_app,
     start_http_server,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -49,6 +54,7 @@ __all__ = [
     "NodeMetrics",
     "OutboxMetrics",
     "PublisherMetrics",
+    "Readiness",
     "ReplicaMetrics",
     "TaskMetrics",
     "serve_metrics",
@@ -83,11 +89,18 @@ class BusMetrics:
         self.reconnects = Counter(
             "sessionbus_broker_reconnects_total", "Reconnections to RabbitMQ", registry=r
         )
+        self.node = Info(
+            "sessionbus_broker",
+            "The broker node this process uses (host:port only, never credentials)", registry=r,
+        )
         self._up = False
         self._ever = False
 
-    def broker_state(self, connected: bool) -> None:
-        """Record the connection coming or going; a return after a loss counts as a reconnect."""
+    def broker_state(self, connected: bool, host: str = "") -> None:
+        """Record the connection coming or going (to ``host``, "host:port"); a return after a
+        loss counts as a reconnect."""
+        if connected and host:
+            self.node.info({"host": host})
         if connected and not self._up and self._ever:
             self.reconnects.inc()
         self._up = connected
@@ -184,6 +197,16 @@ class ReplicaMetrics:
         )
         for state in ("replayed", "remaining"):
             self.replay_offsets.labels(state)
+        # Connected is not ready: after a (re)connect the bus is checked and channels restored.
+        self.bus_ready = Gauge(
+            "sessionbus_bus_ready",
+            "1 while connected, the bus checked and every subscription restored (what /ready "
+            "reports)", registry=r,
+        )
+        self.subscribed = Gauge(
+            "sessionbus_replica_subscribed", "1 while the replica follows the session stream live",
+            registry=r,
+        )
 
     def watch(self, replica: ReplicaView) -> None:
         """Export ``replica``'s size and counters (once per process: one replica per role)."""
@@ -206,7 +229,8 @@ class OutboxMetrics:
             ["type"], registry=r,
         )
         self.returned = Counter(
-            "sessionbus_messages_returned_total", "Published messages no queue took (unroutable)",
+            "sessionbus_messages_returned_total",
+            "Published messages no queue took (unroutable); NEW/REMOVE ones are sent again",
             ["type"], registry=r,
         )
         self.publish_failures = Counter(
@@ -217,20 +241,30 @@ class OutboxMetrics:
         self.capacity = Gauge(
             "sessionbus_outbox_capacity", "Events the outbox holds at most", registry=r
         )
+        self.blocked = Gauge(
+            "sessionbus_outbox_blocked",
+            "1 while events wait and the last publish attempt failed (no channel, nack, return)",
+            registry=r,
+        )
         # The outboxes of this process (normally one): the gauges add theirs up at scrape time,
         # so no gauge reads "the last outbox built".
         self._depths: list[Callable[[], int]] = []
         self._capacities: list[int] = []
+        self._blocked: list[Callable[[], bool]] = []
         self.depth.set_function(lambda: sum(d() for d in self._depths))
+        self.blocked.set_function(lambda: float(any(b() for b in self._blocked)))
         for t in SESSION_EVENT_TYPES:
             self.published.labels(t.value)
             self.dropped.labels(t.value)
             self.returned.labels(t.value)
-        for reason in ("timeout", "nack", "connection"):
+        for reason in ("timeout", "nack", "returned", "connection"):
             self.publish_failures.labels(reason)
 
-    def track(self, depth: Callable[[], int], capacity: int) -> None:
+    def track(self, depth: Callable[[], int], capacity: int,
+              blocked: Callable[[], bool] | None = None) -> None:
         self._depths.append(depth)
+        if blocked is not None:
+            self._blocked.append(blocked)
         self._capacities.append(capacity)
         self.capacity.set(sum(self._capacities))
 
@@ -418,6 +452,9 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None, role: str | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
+        # What /ready asks (set by the role once its component exists; the metrics server binds
+        # before anything else, so until then /ready says "starting").
+        self.ready: Readiness | None = None
         self._groups: dict[type, object] = {}
         if role is not None:
             info = Info(
@@ -488,10 +525,37 @@ class Metrics:
         return self.registry.get_sample_value(name, labels or {}) or 0.0
 
 
-def serve_metrics(addr: str, registry: CollectorRegistry) -> None:
-    """Serve /metrics of ``registry`` on ``HOST:PORT`` from a daemon thread."""
+Readiness = Callable[[], tuple[bool, str]]
+
+
+def serve_metrics(addr: str, registry: CollectorRegistry, ready: Readiness | None = None) -> None:
+    """Serve /metrics of ``registry`` on ``HOST:PORT`` from a daemon thread, and /ready (200 or
+    503, one line per check) for load balancers and systemd when ``ready`` is given."""
     host, _, port = addr.rpartition(":")
-    start_http_server(int(port), addr=host.strip("[]") or "127.0.0.1", registry=registry)
+    host = host.strip("[]") or "127.0.0.1"
+    if ready is None:
+        start_http_server(int(port), addr=host, registry=registry)
+        return
+    metrics_app = make_wsgi_app(registry)
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if environ.get("PATH_INFO") != "/ready":
+            return metrics_app(environ, start_response)  # type: ignore[no-any-return]
+        ok, text = ready()
+        start_response("200 OK" if ok else "503 Service Unavailable",
+                       [("Content-Type", "text/plain; charset=utf-8")])
+        return [text.encode() + b"\n"]
+
+    class Server(socketserver.ThreadingMixIn, WSGIServer):
+        daemon_threads = True
+        address_family = socket.getaddrinfo(host, int(port))[0][0]
+
+    class Quiet(WSGIRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    httpd = make_server(host, int(port), app, Server, handler_class=Quiet)
+    threading.Thread(target=httpd.serve_forever, name="metrics", daemon=True).start()
 
 
 class _NoReplica:

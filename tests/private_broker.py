@@ -10,6 +10,10 @@ directory and no plugins (so no management or Prometheus listener can clash):
         broker.restart()            # rabbitmqctl stop_app; start_app; await_startup
     # stopped (rabbitmqctl stop, then by PID if needed) and its directory removed
 
+    with PrivateCluster.start_or_skip(3) as cluster:   # three nodes joined into one cluster
+        cluster.urls                # every node's URL
+        cluster.nodes[1].kill()     # SIGKILL of the node's VM by PID; .boot() brings it back
+
 The node runs in the foreground under a wrapper process this module started, so it is stopped by
 that process's PID (and the node's own PID file), never by name.  ``start_or_skip`` skips the
 calling test (with the reason and the end of the node's log) when the node cannot start in time.
@@ -25,6 +29,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -50,9 +55,12 @@ class BrokerUnavailable(RuntimeError):
 
 
 class PrivateBroker:
-    def __init__(self, base: Path | None = None) -> None:
+    def __init__(self, base: Path | None = None, *, name: str | None = None,
+                 cookie: str | None = None) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="sb-broker-", dir=base))
-        self.name = f"sbtest-{secrets.token_hex(4)}@localhost"
+        self.name = name or f"sbtest-{secrets.token_hex(4)}@localhost"
+        # One cookie for the nodes of one cluster (and their rabbitmqctl), kept across reboots.
+        self.cookie = cookie or secrets.token_hex(16).upper()
         self.port = _free_port()
         self.dist_port = _free_port()
         while self.dist_port == self.port:
@@ -98,8 +106,9 @@ class PrivateBroker:
             "log.console = false\n"
         )
         cookie = d / ".erlang.cookie"
-        cookie.write_text(secrets.token_hex(16).upper())
-        cookie.chmod(0o400)
+        if not cookie.exists():
+            cookie.write_text(self.cookie)
+            cookie.chmod(0o400)
 
     def ctl(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         tool = _tool("rabbitmqctl")
@@ -162,6 +171,41 @@ class PrivateBroker:
             return True
         return False
 
+    def vm_pid(self) -> int | None:
+        """The node's Erlang VM PID (from its PID file), if it is running."""
+        try:
+            pid = int((self.dir / "node.pid").read_text().strip())
+        except (OSError, ValueError):
+            return None
+        try:
+            os.kill(pid, 0)
+        except (ProcessLookupError, PermissionError):
+            return None
+        return pid
+
+    def kill(self) -> None:
+        """SIGKILL the node (its VM by PID, then the process group this object started): a
+        crash, no clean shutdown.  ``boot()`` starts it again on the same data."""
+        proc, self._proc = self._proc, None
+        pid = self.vm_pid()
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        if proc is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(10)
+        deadline = time.monotonic() + 10
+        while self._accepts() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def join(self, seed: PrivateBroker, timeout: float = 60.0) -> None:
+        """Join ``seed``'s cluster (stop_app, join_cluster, start_app)."""
+        self._check("stop_app", timeout=timeout)
+        self._check("join_cluster", seed.name, timeout=timeout)
+        self.start_app(timeout)
+
     def stop_app(self) -> None:
         self._check("stop_app")
 
@@ -204,7 +248,15 @@ class PrivateBroker:
             # the wrapper may be gone while the VM lingers a moment: its group still names it
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, signal.SIGKILL)
+        pid = self.vm_pid()  # a VM that outlived its wrapper (after kill() and boot())
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
         shutil.rmtree(self.dir, ignore_errors=True)
+
+    def boot_again(self, timeout: float = 60.0) -> None:
+        """Start the node again after ``kill()`` (same name, ports, data and cookie)."""
+        self.boot(timeout)
 
     @classmethod
     @contextlib.contextmanager
@@ -221,3 +273,62 @@ class PrivateBroker:
             yield broker
         finally:
             broker.stop()
+
+
+class PrivateCluster:
+    """Private nodes joined into one RabbitMQ cluster (loopback, own names, one cookie)."""
+
+    def __init__(self, size: int = 3, base: Path | None = None) -> None:
+        tag = secrets.token_hex(3)
+        cookie = secrets.token_hex(16).upper()
+        self.nodes = [PrivateBroker(base, name=f"sbtest-{tag}-{i}@localhost", cookie=cookie)
+                      for i in range(1, size + 1)]
+
+    @property
+    def urls(self) -> list[str]:
+        return [n.url for n in self.nodes]
+
+    def boot(self, timeout: float = 120.0) -> None:
+        errors: list[BaseException] = []
+
+        def one(node: PrivateBroker) -> None:
+            try:
+                node.boot(timeout)
+            except BaseException as exc:  # reported below, from the calling thread
+                errors.append(exc)
+
+        threads = [threading.Thread(target=one, args=(n,)) for n in self.nodes]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout + 30)
+        if errors:
+            raise errors[0]
+        for node in self.nodes[1:]:
+            node.join(self.nodes[0], timeout)
+        out = self.nodes[0].ctl("cluster_status", timeout=60).stdout
+        missing = [n.name for n in self.nodes if n.name not in out]
+        if missing:
+            raise BrokerUnavailable(f"nodes not in the cluster: {missing}\n{out[-800:]}")
+
+    def node_of_port(self, port: int) -> PrivateBroker:
+        return next(n for n in self.nodes if n.port == port)
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+    @classmethod
+    @contextlib.contextmanager
+    def start_or_skip(cls, size: int = 3, timeout: float = 120.0) -> Iterator[PrivateCluster]:
+        import pytest
+
+        cluster = cls(size)
+        try:
+            try:
+                cluster.boot(timeout)
+            except (BrokerUnavailable, OSError, subprocess.SubprocessError) as exc:
+                pytest.skip(f"cannot start a private RabbitMQ cluster: {exc}")
+            yield cluster
+        finally:
+            cluster.stop()

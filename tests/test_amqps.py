@@ -102,6 +102,9 @@ async def test_amqps_verifies_the_broker_certificate(
         await connect(s)
     assert "secret-password" not in str(info.value)  # the error names the broker, not secrets
     assert "***" in str(info.value)
+    # in sessionbus's words, one line naming the URL, user and vhost
+    line = str(info.value)
+    assert "TLS verification failed" in line and "user guest, vhost /" in line, line
 
 
 @pytest.mark.parametrize("tls_endpoint", [True], indirect=True, ids=["mutual-tls"])

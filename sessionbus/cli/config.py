@@ -8,12 +8,17 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from sessionbus.bus.connection import DEFAULT_URL, BrokerSettings
+from sessionbus.bus.connection import (
+    DEFAULT_URL,
+    BrokerSettings,
+    BrokerUrlError,
+    quiet_library_logs,
+    split_urls,
+)
 from sessionbus.bus.topology import Topology
 from sessionbus.cli.safety import (
     UnsafeSetting,
     check_any_origin_users,
-    redact_url,
     refuse_plaintext_remote,
 )
 from sessionbus.schemas.events import valid_node_id
@@ -37,12 +42,14 @@ def add_common(p: argparse.ArgumentParser, *, bus_key: bool = True, check: bool 
             "permissions, one line each, then exit (0 ok, 3 a setting or file, 4 the broker)",
         )
     url = env("SESSIONBUS_AMQP_URL", DEFAULT_URL) or DEFAULT_URL
-    shown = redact_url(url).replace("%", "%%")  # --help never prints the password
+    # --help never prints a password (of any URL in a comma list)
+    shown = BrokerSettings(url=url).redacted_url().replace("%", "%%")
     g.add_argument(
-        "--amqp-url", default=url,
-        help=f"broker URL, amqps:// (or amqp:// on loopback) (env SESSIONBUS_AMQP_URL; "
-        f"default {shown}). Prefer the env var or a URL without password on shared hosts: "
-        "argv is visible to all",
+        "--amqp-url", action="append", metavar="URL",
+        help="broker URL, amqps:// (or amqp:// on loopback); for a cluster repeat it or give a "
+        "comma list, one URL per node: each process picks one (shuffled) and fails over to the "
+        f"next (env SESSIONBUS_AMQP_URL; default {shown}). Prefer the env var or a URL without "
+        "password on shared hosts: argv is visible to all",
     )
     g.add_argument("--amqp-plaintext", action="store_true",
                    default=env("SESSIONBUS_AMQP_PLAINTEXT", "") == "1",
@@ -112,7 +119,7 @@ def common_from_args(args: argparse.Namespace) -> Common:
         level=getattr(logging, str(args.log_level).upper()),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    logging.getLogger("aiormq").setLevel(logging.WARNING)
+    quiet_library_logs(debug=str(args.log_level) == "debug")
     for f in ("amqp_ca", "amqp_cert", "amqp_key"):
         v = getattr(args, f)
         if v and not Path(v).is_file():
@@ -122,17 +129,18 @@ def common_from_args(args: argparse.Namespace) -> Common:
             host_port(str(args.metrics))
         except argparse.ArgumentTypeError as exc:
             raise ConfigError(f"--metrics: {exc}") from None
-    if not str(args.amqp_url).startswith(("amqp://", "amqps://")):
-        raise ConfigError("--amqp-url must start with amqp:// or amqps://")
+    urls = broker_urls(args.amqp_url)
     try:
-        refuse_plaintext_remote(str(args.amqp_url), plaintext_ok=bool(args.amqp_plaintext))
-        any_origin = check_any_origin_users(str(args.amqp_url),
-                                            getattr(args, "any_origin_user", None) or ())
+        any_origin: frozenset[str] = frozenset()
+        for one in urls.split(","):  # each broker node's URL is held to the same rules
+            refuse_plaintext_remote(one, plaintext_ok=bool(args.amqp_plaintext))
+            any_origin = check_any_origin_users(one,
+                                                getattr(args, "any_origin_user", None) or ())
     except UnsafeSetting as exc:
         raise ConfigError(str(exc)) from None
     return Common(
         broker=BrokerSettings(
-            url=args.amqp_url, ca_file=args.amqp_ca, cert_file=args.amqp_cert,
+            url=urls, ca_file=args.amqp_ca, cert_file=args.amqp_cert,
             key_file=args.amqp_key, verify=not args.amqp_insecure,
         ),
         topology=Topology(prefix=args.prefix),
@@ -142,6 +150,15 @@ def common_from_args(args: argparse.Namespace) -> Common:
         any_origin_users=any_origin,
         ring_signing_key_file=getattr(args, "ring_signing_key_file", None),
     )
+
+
+def broker_urls(given: list[str] | None) -> str:
+    """The validated broker URLs (comma-joined) from --amqp-url values or the environment."""
+    value: list[str] = given or [env("SESSIONBUS_AMQP_URL") or DEFAULT_URL]
+    try:
+        return ",".join(split_urls(value))
+    except BrokerUrlError as exc:
+        raise ConfigError(f"--amqp-url: {exc}") from None
 
 
 def host_port(value: str) -> tuple[str, int]:

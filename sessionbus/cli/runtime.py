@@ -43,6 +43,10 @@ def bind_tcp(host: str, port: int, flag: str) -> socket.socket:
         raise ConfigError(f"{flag}: cannot listen on {host}:{port}: {_why(exc)}") from None
 
 
+def _ready(metrics: Metrics) -> tuple[bool, str]:
+    return (False, "starting") if metrics.ready is None else metrics.ready()
+
+
 def start_metrics(addr: str | None, metrics: Metrics) -> None:
     """Serve ``metrics`` at http://``addr``/metrics now, or raise a ConfigError naming it.
 
@@ -52,7 +56,7 @@ def start_metrics(addr: str | None, metrics: Metrics) -> None:
         return
     host, port = host_port(addr)
     try:
-        serve_metrics(addr, metrics.registry)
+        serve_metrics(addr, metrics.registry, lambda: _ready(metrics))
     except OSError as exc:
         raise ConfigError(f"--metrics: cannot listen on {host}:{port}: {_why(exc)}") from None
 

@@ -58,8 +58,15 @@ class KeyFollower:
             connection, topology, StreamSource(topology.key_stream, start), decode,
             self._handle, prefetch=16, metrics=metrics, supervisor=self._supervisor,
         )
+        # Catch-up after any reconnect: forget the offset reached, so the restored channel
+        # subscribes from the stream's last chunk again (the current ring at once) instead of
+        # resuming after the last ring seen; older rings it may re-read are ignored below.
+        connection.close_callbacks.add(self._forget_offset)
         self._wait_task: asyncio.Task[None] | None = None
         self._stream = topology.key_stream
+
+    def _forget_offset(self, *_: Any) -> None:
+        self._sub.last_offset = None
 
     async def start(self) -> None:
         """Subscribe; if the key stream does not exist yet (no key publisher has run), keep

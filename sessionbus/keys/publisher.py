@@ -33,9 +33,8 @@ from datetime import UTC, datetime
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractRobustConnection
 from aiormq.exceptions import AMQPError, ChannelLockedResource
-from yarl import URL
 
-from sessionbus.bus.connection import BROKER_ERRORS, BrokerSettings, connect, retry, tls_context
+from sessionbus.bus.connection import BROKER_ERRORS, BrokerSettings, connect, connect_once, retry
 from sessionbus.bus.topology import (
     Topology,
     check_keys,
@@ -188,10 +187,8 @@ class KeyPublisher:
         return channel
 
     async def _open_lock_connection(self) -> AbstractConnection:
-        url = URL(self._broker.url).update_query(
-            heartbeat=self.s.lock_heartbeat, name=f"sessionbus keys {self.s.publisher_id} lock"
-        )
-        return await aio_pika.connect(url, ssl_context=tls_context(self._broker), timeout=10)
+        return await connect_once(self._broker, f"sessionbus keys {self.s.publisher_id} lock",
+                                  self.s.lock_heartbeat)
 
     async def _drop_lock_connection(self) -> None:
         conn, self._lock_conn = self._lock_conn, None

@@ -159,6 +159,7 @@ def main(args: argparse.Namespace) -> int:
 
     async def serve(stop: asyncio.Event) -> int:
         front = CacheFront(settings, common.broker, keys, common.topology, metrics=metrics)
+        metrics.ready = front.bus.readiness
         try:
             await front.start()
         except OSError as exc:

@@ -92,6 +92,7 @@ def main(args: argparse.Namespace) -> int:
     async def serve(stop: asyncio.Event) -> int:
         try:
             node = Node(settings, common.broker, keys, common.topology, metrics=metrics)
+            metrics.ready = node.readiness
         except (ssl.SSLError, OSError) as exc:
             raise ConfigError(f"cannot load certificate/key: {exc.strerror or exc}") from None
         except BindingError as exc:
