@@ -117,8 +117,8 @@ def exported(page: str) -> set[str]:
         name, kind = m.groups()
         if kind == "counter" and name.endswith("_total"):
             name = name[: -len("_total")]
-        if name == "sessionbus_build_info":  # an Info family: the text format says gauge
-            name = "sessionbus_build"
+        if name.endswith("_info"):  # an Info family (build, broker): the text says gauge
+            name = name[: -len("_info")]
         names.add(name)
     return names
 
