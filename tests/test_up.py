@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -12,39 +11,9 @@ from pathlib import Path
 import pytest
 
 from tests.farm_support import AMQP_URL, Processes, delete_topology, unique_prefix
+from tests.local_farm_support import free_range, sessionbus_pids
 
 pytestmark = [pytest.mark.broker, pytest.mark.tls, pytest.mark.slow]
-
-
-def free_range(n: int, start: int = 20000) -> int:
-    """A base port with ``n`` free ports after it (bounded search on loopback)."""
-    for base in range(start, 60000, 97):
-        ok = True
-        for p in range(base, base + n):
-            with socket.socket() as s:
-                try:
-                    s.bind(("127.0.0.1", p))
-                except OSError:
-                    ok = False
-                    break
-        if ok:
-            return base
-    raise RuntimeError("no free port range")
-
-
-def sessionbus_pids(prefix: str) -> list[int]:
-    """Processes of this farm: sessionbus processes whose environment names its bus prefix."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmd = (entry / "cmdline").read_bytes()
-                env = (entry / "environ").read_bytes()
-            except OSError:
-                continue
-            if b"sessionbus" in cmd and f"SESSIONBUS_PREFIX={prefix}".encode() in env:
-                pids.append(int(entry.name))
-    return pids
 
 
 def s_client(port: int, *args: str) -> str:
@@ -58,7 +27,7 @@ def s_client(port: int, *args: str) -> str:
 def test_up_farm_resumes_across_nodes_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
     prefix = unique_prefix()
     base = free_range(3)
-    mbase = free_range(5, start=base + 97)
+    mbase = free_range(5, start_at=base + 97)
     farm_dir = tmp_path / "farm"
     procs = Processes()
     try:
